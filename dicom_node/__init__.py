@@ -1,0 +1,1 @@
+"""Everything that speaks DICOM on the network. Never imports a model runtime."""

@@ -1,0 +1,146 @@
+"""What a received C-STORE carries, checked before anything is written to the spool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from io import BytesIO
+
+from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+from pynetdicom.dsutils import decode
+
+from dicom_node import status
+from plugin.catalog.records import ReceivedObject
+
+
+class Problem(Enum):
+    """Why an object is refused; each maps to one status code."""
+
+    UNPARSABLE = status.CANNOT_UNDERSTAND
+    MISSING_UID = status.MISSING_UID
+    INVALID_UID = status.INVALID_UID
+    SOP_CLASS_MISMATCH = status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    INSTANCE_UID_MISMATCH = status.INSTANCE_UID_MISMATCH
+
+
+class InvalidObject(Exception):
+    def __init__(self, problem: Problem, detail: str) -> None:
+        super().__init__(detail)
+        self.problem = problem
+        self.detail = detail
+
+
+# Every tag ``inspect_dataset`` reads sits at or before SeriesNumber (0020,0011), so
+# parsing stops there: the image module and pixel data are never walked.
+LAST_TAG_READ = Tag(0x0020, 0x0011)
+
+
+def _past_last_tag(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag > LAST_TAG_READ)
+
+
+class TruncatedElement(ValueError):
+    """Not an EOFError on purpose: pydicom turns those into a warning and goes on."""
+
+
+class _ExactReader(BytesIO):
+    """pydicom accepts short reads; here one means an element's length runs past the
+    data the sender gave, i.e. a dataset that cannot be parsed. An empty read is the
+    normal end of the dataset."""
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if size is not None and size > 0 and 0 < len(data) < size:
+            raise TruncatedElement(f"element needs {size} bytes, {len(data)} left")
+        return data
+
+
+def read_header(raw: BytesIO, transfer_syntax: UID) -> Dataset:
+    """The leading elements of a received dataset, as received (no meta header)."""
+    if transfer_syntax.is_deflated:
+        raw.seek(0)
+        return decode(raw, is_implicit_vr=False, is_little_endian=True, deflated=True)
+    return read_dataset(
+        _ExactReader(raw.getbuffer()),
+        transfer_syntax.is_implicit_VR,
+        transfer_syntax.is_little_endian,
+        stop_when=_past_last_tag,
+    )
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        raise InvalidObject(Problem.MISSING_UID, f"{keyword} missing")
+    uid = UID(str(value).strip().rstrip("\0"))
+    if not uid.is_valid:
+        raise InvalidObject(Problem.INVALID_UID, f"{keyword} is not a valid UID")
+    return str(uid)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def inspect_dataset(
+    load: Callable[[], Dataset],
+    *,
+    requested_sop_class_uid: str,
+    requested_sop_instance_uid: str,
+    transfer_syntax_uid: str,
+) -> ReceivedObject:
+    """Read the tags pacsclip needs and check them; raise ``InvalidObject`` saying what is wrong.
+
+    Pixel data is never decoded here.
+
+    ``load`` decodes the dataset lazily (pydicom defers element values), so a
+    failure while reading any of the tags below is an unparsable dataset too.
+    """
+    try:
+        ds = load()
+        obj = ReceivedObject(
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            study_instance_uid=_uid(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+            transfer_syntax_uid=transfer_syntax_uid,
+            modality=_text(ds, "Modality"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            series_description=_text(ds, "SeriesDescription"),
+            series_number=_int(ds, "SeriesNumber"),
+            institution_name=_text(ds, "InstitutionName"),
+            patient_id=_text(ds, "PatientID"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_date=_text(ds, "StudyDate"),
+            study_description=_text(ds, "StudyDescription"),
+            station_name=_text(ds, "StationName"),
+            institutional_department_name=_text(ds, "InstitutionalDepartmentName"),
+        )
+    except InvalidObject:
+        raise
+    except Exception as exc:  # any decoder failure means "cannot understand"
+        detail = f"dataset cannot be parsed: {type(exc).__name__}"
+        raise InvalidObject(Problem.UNPARSABLE, detail) from exc
+    if obj.sop_class_uid != requested_sop_class_uid:
+        raise InvalidObject(
+            Problem.SOP_CLASS_MISMATCH, "SOPClassUID differs from AffectedSOPClassUID"
+        )
+    if obj.sop_instance_uid != requested_sop_instance_uid:
+        raise InvalidObject(
+            Problem.INSTANCE_UID_MISMATCH, "SOPInstanceUID differs from AffectedSOPInstanceUID"
+        )
+    return obj

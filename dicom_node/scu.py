@@ -1,0 +1,63 @@
+"""Outgoing DICOM requests the node makes: C-ECHO, and C-FIND for a study's instance count."""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+
+from plugin.settings import DicomPeer
+
+logger = logging.getLogger(__name__)
+
+
+class AssociationFailed(Exception):
+    """The peer did not accept an association; the message says which peer."""
+
+
+def echo(peer: DicomPeer, *, calling_ae_title: str, timeout_s: float = 10) -> int:
+    """C-ECHO the peer; returns the DIMSE status (0x0000 is success)."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise AssociationFailed(f"{peer.ae_title}@{peer.host}:{peer.port} refused the association")
+    try:
+        response = assoc.send_c_echo()
+        return int(response.Status) if "Status" in response else -1
+    finally:
+        assoc.release()
+
+
+def query_study_instance_count(
+    peer: DicomPeer, study_uid: str, *, calling_ae_title: str, timeout_s: float = 10
+) -> int | None:
+    """Ask a PACS for NumberOfStudyRelatedInstances; None when it does not say."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    query.NumberOfStudyRelatedInstances = ""
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise AssociationFailed(f"{peer.ae_title}@{peer.host}:{peer.port} refused the association")
+    count: int | None = None
+    try:
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                value = identifier.get("NumberOfStudyRelatedInstances")
+                if value not in (None, ""):
+                    count = int(value)
+    finally:
+        assoc.release()
+    return count

@@ -1,0 +1,125 @@
+"""SQLAlchemy models of the catalog: what pacsclip received, from whom, and in what state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# DICOM UIDs are at most 64 characters; AE titles 16.
+UID = String(64)
+AE_TITLE = String(16)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True)}
+
+
+class Site(Base):
+    __tablename__ = "site"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="site")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("site.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[str | None] = mapped_column(String(16), index=True)
+    # Patient-level fields stay in the catalog (the PACS holds them too); they never reach a log.
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    institution_name: Mapped[str | None] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+    expected_instances: Mapped[int | None]
+    needs_reanalysis: Mapped[bool] = mapped_column(default=False)
+    completion_reason: Mapped[str | None] = mapped_column(String(32))
+    routing: Mapped[dict[str, object] | None] = mapped_column(JSON)
+
+    site: Mapped[Site] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None]
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="series", order_by="Instance.id"
+    )
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(300))  # relative to the spool directory
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    calling_ae_title: Mapped[str] = mapped_column(AE_TITLE)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class AuditEvent(Base):
+    """Who sent what, when, and which status was answered."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    calling_ae_title: Mapped[str | None] = mapped_column(AE_TITLE)
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    status: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class QuarantineEntry(Base):
+    """An object that was refused, kept on disk with the reason the operator reads."""
+
+    __tablename__ = "quarantine_entry"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    path: Mapped[str] = mapped_column(String(300))  # relative to the quarantine directory
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str | None] = mapped_column(AE_TITLE)
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    # Copied from the request, not validated: may be anything the sender put there.
+    sop_class_uid: Mapped[str | None] = mapped_column(String(200))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(200))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)

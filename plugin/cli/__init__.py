@@ -1,0 +1,1 @@
+"""The ``pacsclip`` command line."""

@@ -1,0 +1,264 @@
+"""``pacsclip``: run the node, inspect the catalog, test routing rules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from plugin.errors import ConfigError
+from plugin.logs import configure_logging
+from plugin.settings import DicomPeer, Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Effective configuration.")
+studies_app = typer.Typer(no_args_is_help=True, help="Studies in the catalog.")
+quarantine_app = typer.Typer(no_args_is_help=True, help="Objects that were refused.")
+rules_app = typer.Typer(no_args_is_help=True, help="Routing rules.")
+db_app = typer.Typer(no_args_is_help=True, help="Catalog database.")
+app.add_typer(config_app, name="config")
+app.add_typer(studies_app, name="studies")
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(rules_app, name="rules")
+app.add_typer(db_app, name="db")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(ctx: typer.Context, **overrides: Any) -> Settings:
+    """Build the settings once per command: CLI > environment > config file > defaults."""
+    root: dict[str, Any] = ctx.obj or {}
+    try:
+        settings = load_settings(root.get("config"), **root.get("overrides", {}), **overrides)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    configure_logging(settings.log_level)
+    return settings
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", envvar="PACSCLIP_CONFIG", help="TOML config file.")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Catalog database URL.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING...")] = None,
+) -> None:
+    ctx.obj = {
+        "config": config,
+        "overrides": {"data_dir": data_dir, "database_url": database_url, "log_level": log_level},
+    }
+
+
+@config_app.command("show")
+def config_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Print the effective settings, passwords masked."""
+    data = _settings(ctx).masked()
+    if as_json:
+        _print_json(data)
+        return
+    for key, value in data.items():
+        typer.echo(f"{key} = {json.dumps(value)}")
+
+
+NodeHost = Annotated[str | None, typer.Option("--host", help="Address to listen on.")]
+NodePort = Annotated[int | None, typer.Option("--port", help="DICOM port.")]
+NodeAet = Annotated[str | None, typer.Option("--ae-title", help="Our AE title.")]
+
+
+@app.command()
+def node(
+    ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
+) -> None:
+    """Run the DICOM node alone: receive, catalog, and publish complete studies."""
+    from dicom_node.node import main
+
+    main(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
+
+
+@app.command()
+def serve(
+    ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
+) -> None:
+    """Run pacsclip on one machine with the embedded defaults (SQLite catalog)."""
+    from dicom_node.node import main
+
+    main(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
+
+
+@app.command()
+def echo(
+    ctx: typer.Context,
+    host: str,
+    port: int,
+    aec: Annotated[str, typer.Option("--aec", help="The peer's AE title.")],
+    aet: Annotated[str | None, typer.Option("--aet", help="Our AE title.")] = None,
+) -> None:
+    """C-ECHO a DICOM node to check the network path and AE titles."""
+    from dicom_node.scu import AssociationFailed
+    from dicom_node.scu import echo as send_echo
+
+    settings = _settings(ctx)
+    try:
+        status = send_echo(
+            DicomPeer(ae_title=aec, host=host, port=port),
+            calling_ae_title=aet or settings.ae_title,
+        )
+    except AssociationFailed as exc:
+        raise _fail(str(exc), 1) from exc
+    if status != 0:
+        raise _fail(f"C-ECHO answered status 0x{status:04X}", 1)
+    typer.echo(f"C-ECHO to {aec}@{host}:{port}: success")
+
+
+def _open_sessions(settings: Settings) -> Any:
+    from plugin.catalog.db import open_catalog
+
+    return open_catalog(settings.effective_database_url).sessions
+
+
+@studies_app.command("list")
+def studies_list(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    state: Annotated[str | None, typer.Option(help="Only studies in this state.")] = None,
+    priority: Annotated[str | None, typer.Option(help="stat or routine.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+) -> None:
+    """List studies, newest first."""
+    from plugin.catalog.repository import list_studies
+
+    with _open_sessions(_settings(ctx))() as session:
+        rows = list_studies(session, state=state, priority=priority, limit=limit)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no studies")
+        return
+    for r in rows:
+        typer.echo(
+            f"{r['study_instance_uid']}  {r['state']:<9}  {r['priority'] or '-':<7}  "
+            f"{r['instances']:>5} inst  site={r['site']}  received={r['received_at']}"
+        )
+
+
+@studies_app.command("show")
+def studies_show(ctx: typer.Context, study_uid: str, as_json: JsonFlag = False) -> None:
+    """One study with its series and instances."""
+    from plugin.catalog.repository import study_detail
+
+    with _open_sessions(_settings(ctx))() as session:
+        detail = study_detail(session, study_uid)
+    if detail is None:
+        raise _fail(f"no study {study_uid} in the catalog", 1)
+    if as_json:
+        _print_json(detail)
+        return
+    for key in (
+        "study_instance_uid",
+        "state",
+        "priority",
+        "site",
+        "instances",
+        "received_at",
+        "completed_at",
+        "completion_reason",
+        "expected_instances",
+        "needs_reanalysis",
+    ):
+        typer.echo(f"{key}: {detail[key]}")
+    typer.echo(f"routing: {json.dumps(detail['routing'])}")
+    for s in detail["series"]:
+        typer.echo(
+            f"  series {s['series_instance_uid']} {s['modality'] or '-'} "
+            f"{s['series_description'] or ''} ({len(s['instances'])} instances)"
+        )
+
+
+@quarantine_app.command("list")
+def quarantine_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Refused objects with the reason and the status the sender got."""
+    from plugin.catalog.repository import list_quarantine
+
+    settings = _settings(ctx)
+    with _open_sessions(settings)() as session:
+        rows = list_quarantine(session)
+    for row in rows:
+        row["file"] = str(settings.quarantine_dir / row["path"])
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("quarantine is empty")
+        return
+    for r in rows:
+        typer.echo(
+            f"{r['at']}  {r['status']}  from {r['calling_ae_title']}@{r['peer_host']}: "
+            f"{r['reason']}  -> {r['file']}"
+        )
+
+
+@rules_app.command("test")
+def rules_test(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="A DICOM file to route.")],
+    rules: Annotated[Path | None, typer.Option(help="Rules file (default: settings).")] = None,
+    calling_ae: Annotated[str, typer.Option(help="Calling AE title to assume.")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Print the routing decision the rules make for a file."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from dicom_node.routing import RoutingInput, RulesError, default_rules, load_rules
+
+    settings = _settings(ctx)
+    rules_file = rules or settings.rules_file
+    try:
+        ruleset = load_rules(rules_file) if rules_file else default_rules()
+        ds = dcmread(file, stop_before_pixels=True)
+    except RulesError as exc:
+        raise _fail(str(exc)) from exc
+    except (OSError, InvalidDicomError) as exc:
+        raise _fail(f"cannot read {file}: {exc}") from exc
+    decision = ruleset.decide(RoutingInput.from_dataset(ds, calling_ae))
+    data = {"rules_file": str(rules_file) if rules_file else None, **decision.as_dict()}
+    if as_json:
+        _print_json(data)
+        return
+    for key, value in data.items():
+        typer.echo(f"{key}: {value}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create or migrate the catalog schema to the newest revision."""
+    from plugin.catalog.db import open_catalog
+    from plugin.settings import mask_url
+
+    url = _settings(ctx).effective_database_url
+    open_catalog(url)
+    typer.echo(f"catalog at {mask_url(url)} is up to date")
+
+
+def run() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

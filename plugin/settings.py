@@ -1,0 +1,150 @@
+"""Process settings: one object per process, built once in ``main()``.
+
+Precedence: CLI overrides > environment (``PACSCLIP_*``) > TOML config file > defaults.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import make_url
+
+from plugin.errors import ConfigError
+
+
+class CallerRule(BaseModel):
+    """One entry of the calling-AE allow-list; ``host`` pins the AE to an address."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str | None = None
+
+    def allows(self, ae_title: str, host: str) -> bool:
+        return self.ae_title == ae_title and (self.host is None or self.host == host)
+
+
+class DicomPeer(BaseModel):
+    """A remote DICOM application entity (a PACS to query, a destination)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PACSCLIP_", extra="forbid")
+
+    data_dir: Path = Path("pacsclip-data")
+    ae_title: str = Field("PACSCLIP", min_length=1, max_length=16)
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    database_url: str | None = None
+    broker_url: str | None = None
+
+    # Receiving
+    allowed_callers: list[CallerRule] = Field(default_factory=list)
+    max_associations: int = Field(10, ge=1)
+    min_free_disk_mb: int = Field(500, ge=0)
+    site_tags: list[str] = Field(default_factory=lambda: ["calling_ae_title", "InstitutionName"])
+
+    # DICOM TLS: all of cert and key, optionally a CA to require client certificates
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    # Study completeness
+    quiet_period_s: float = Field(2.0, gt=0)
+    max_wait_s: float = Field(3600.0, gt=0)
+    completion_check_interval_s: float = Field(0.2, gt=0)
+    count_query_peer: DicomPeer | None = None
+
+    rules_file: Path | None = None
+    log_level: str = "INFO"
+
+    @field_validator("allowed_callers", mode="before")
+    @classmethod
+    def _callers_from_titles(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip() else []
+        if isinstance(value, list):
+            return [{"ae_title": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'catalog.sqlite3').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, with passwords in URLs masked."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = mask_url(self.effective_database_url)
+        data["broker_url"] = mask_url(self.effective_broker_url)
+        return data
+
+
+def mask_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is shown fully masked, never raw
+        return "***"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the process settings; ``overrides`` with value ``None`` are ignored."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    try:
+        return FileSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc

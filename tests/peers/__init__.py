@@ -1,0 +1,1 @@
+"""Helpers that drive real DICOM peers (DCMTK, Orthanc) from integration tests."""

@@ -1,0 +1,1 @@
+"""Celery worker process: task definitions that call into ``plugin``."""
