@@ -22,7 +22,7 @@ from dicom_node.publish import CompletionPublisher, LoggingPublisher, StudyCompl
 from dicom_node.received import InvalidObject, inspect_dataset
 from dicom_node.receiver import Receiver
 from dicom_node.routing import RoutingInput, RuleSet, default_rules, load_rules
-from dicom_node.scu import AssociationFailed, query_study_instance_count
+from dicom_node.scu import AssociationFailed, QueryFailed, query_study_instance_count
 from dicom_node.security import CallerPolicy, server_ssl_context
 from dicom_node.spool import Quarantine, Spool
 from plugin.catalog import repository
@@ -181,7 +181,7 @@ class DicomNode:
             count = query_study_instance_count(
                 peer, study_uid, calling_ae_title=self.settings.ae_title
             )
-        except (AssociationFailed, OSError, RuntimeError) as exc:
+        except (AssociationFailed, QueryFailed, OSError, RuntimeError) as exc:
             logger.warning("instance count query to %s failed: %s", peer.ae_title, exc)
             return
         if count is None:

@@ -8,7 +8,7 @@ from io import BytesIO
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
@@ -35,11 +35,11 @@ class InvalidObject(Exception):
 
 # Every tag ``inspect_dataset`` reads sits at or before SeriesNumber (0020,0011), so
 # parsing stops there: the image module and pixel data are never walked.
-LAST_TAG_READ = Tag(0x0020, 0x0011)
+LAST_TAG_READ_INT = 0x00200011
 
 
 def _past_last_tag(tag: BaseTag, _vr: str | None, _length: int) -> bool:
-    return bool(tag > LAST_TAG_READ)
+    return int(tag) > LAST_TAG_READ_INT
 
 
 class TruncatedElement(ValueError):

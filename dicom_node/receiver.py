@@ -75,15 +75,8 @@ class Receiver:
         return status.SUCCESS
 
     def _store(self, obj: ReceivedObject, data: bytes, digest: str, peer: Peer) -> StoreOutcome:
-        if self.catalog.digest(obj.sop_instance_uid) == digest:
-            self.catalog.audit(
-                StoreOutcome.DUPLICATE.value,
-                peer,
-                status=status.SUCCESS,
-                study_instance_uid=obj.study_instance_uid,
-                sop_instance_uid=obj.sop_instance_uid,
-            )
-            return StoreOutcome.DUPLICATE
+        # A resent identical object is rewritten with the same bytes (atomic, harmless)
+        # so that the common case costs one catalog transaction, not two.
         rel = self.spool.relative_path(
             obj.study_instance_uid, obj.series_instance_uid, obj.sop_instance_uid
         )

@@ -16,8 +16,15 @@ from plugin.settings import DicomPeer
 logger = logging.getLogger(__name__)
 
 
+PENDING, PENDING_WARNING = 0xFF00, 0xFF01
+
+
 class AssociationFailed(Exception):
     """The peer did not accept an association; the message says which peer."""
+
+
+class QueryFailed(Exception):
+    """The peer accepted the association but the query did not succeed."""
 
 
 def echo(peer: DicomPeer, *, calling_ae_title: str, timeout_s: float = 10) -> int:
@@ -50,14 +57,20 @@ def query_study_instance_count(
     if not assoc.is_established:
         raise AssociationFailed(f"{peer.ae_title}@{peer.host}:{peer.port} refused the association")
     count: int | None = None
+    final: int | None = None
     try:
         for status, identifier in assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
         ):
-            if status and status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            final = int(status.Status) if "Status" in status else None
+            if final in (PENDING, PENDING_WARNING) and identifier is not None:
                 value = identifier.get("NumberOfStudyRelatedInstances")
                 if value not in (None, ""):
                     count = int(value)
     finally:
         assoc.release()
+    if final is None:
+        raise QueryFailed(f"C-FIND to {peer.ae_title} got no response (aborted or timed out)")
+    if final != 0x0000:
+        raise QueryFailed(f"C-FIND to {peer.ae_title} failed with status 0x{final:04X}")
     return count

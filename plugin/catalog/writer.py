@@ -1,17 +1,18 @@
 """The catalog write path of the receiver: one short transaction per received instance.
 
-This runs between the fsync and the C-STORE response of every instance, so it
-uses SQLAlchemy Core statements and remembers the ids of sites, studies and
-series it has seen instead of loading ORM objects.
+This runs between the fsync and the C-STORE response of every instance, so it uses
+SQLAlchemy Core statements built once (parameters bound at execution) and remembers
+the ids of the sites, studies and series it has seen instead of loading ORM objects.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from plugin.catalog.models import AuditEvent, Instance, Series, Site, Study, utcnow
@@ -24,22 +25,35 @@ _series = cast(Table, Series.__table__)
 _site = cast(Table, Site.__table__)
 _audit = cast(Table, AuditEvent.__table__)
 
+_PREVIOUS_DIGEST = select(_instance.c.sha256).where(
+    _instance.c.sop_instance_uid == bindparam("uid")
+)
+_INSERT_INSTANCE = insert(_instance)
+_REPLACE_INSTANCE = update(_instance).where(_instance.c.sop_instance_uid == bindparam("uid"))
+_REOPEN_STUDY = (
+    update(_study)
+    .where(_study.c.id == bindparam("study_id"), _study.c.state != StudyState.RECEIVING)
+    .values(state=StudyState.RECEIVING, needs_reanalysis=True, completed_at=None)
+)
+_INSERT_AUDIT = insert(_audit)
+_FIND_ID = {
+    "site": select(_site.c.id).where(_site.c.key == bindparam("key")),
+    "study": select(_study.c.id).where(_study.c.study_instance_uid == bindparam("key")),
+    "series": select(_series.c.id).where(_series.c.series_instance_uid == bindparam("key")),
+}
+
+_Ids = dict[tuple[str, str], int]
+
 
 class CatalogWriter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._ids: dict[tuple[str, str], int] = {}
+        self._ids: _Ids = {}
         self._lock = threading.Lock()
-
-    def digest(self, sop_instance_uid: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.scalar(
-                select(_instance.c.sha256).where(_instance.c.sop_instance_uid == sop_instance_uid)
-            )
 
     def audit(self, event: str, peer: Peer | None, **fields: Any) -> None:
         with self.engine.begin() as conn:
-            conn.execute(insert(_audit).values(_audit_values(event, peer, **fields)))
+            conn.execute(_INSERT_AUDIT, _audit_values(event, peer, **fields))
 
     def record_instance(
         self,
@@ -53,13 +67,14 @@ class CatalogWriter:
     ) -> Recorded:
         """Catalog an instance whose file is already durable in the spool.
 
-        Same SOP Instance UID with other bytes: the newest copy wins and the
-        replacement is audited with both digests.
+        Same SOP Instance UID with the same bytes is a duplicate: audited, nothing
+        changes. With other bytes the newest copy wins and the replacement is
+        audited with both digests.
         """
         # A concurrent association may insert the same study or series first: the
-        # unique constraint fails, the cache is dropped and the second try finds it.
+        # unique constraint fails and the second try finds the other's row.
         for attempt in range(2):
-            learned: dict[tuple[str, str], int] = {}
+            learned: _Ids = {}
             try:
                 with self.engine.begin() as conn:
                     recorded = self._record(
@@ -78,7 +93,7 @@ class CatalogWriter:
     def _record(
         self,
         conn: Connection,
-        learned: dict[tuple[str, str], int],
+        learned: _Ids,
         obj: ReceivedObject,
         site_key: str,
         peer: Peer,
@@ -87,19 +102,22 @@ class CatalogWriter:
         sha256: str,
     ) -> Recorded:
         now = utcnow()
-        study_id = self._id(
-            conn,
-            learned,
-            "study",
-            obj.study_instance_uid,
-            lambda: self._new_study(conn, learned, obj, site_key, peer, now),
-        )
-        series_id = self._id(
-            conn,
-            learned,
-            "series",
-            obj.series_instance_uid,
-            lambda: _insert(
+        audit = {
+            "status": 0,
+            "study_instance_uid": obj.study_instance_uid,
+            "sop_instance_uid": obj.sop_instance_uid,
+            "detail": None,
+        }
+        previous = conn.scalar(_PREVIOUS_DIGEST, {"uid": obj.sop_instance_uid})
+        if previous == sha256:
+            conn.execute(_INSERT_AUDIT, _audit_values(StoreOutcome.DUPLICATE, peer, **audit))
+            return Recorded(StoreOutcome.DUPLICATE, reopened=False)
+
+        def new_study() -> int:
+            return self._new_study(conn, learned, obj, site_key, peer, now)
+
+        def new_series() -> int:
+            return _insert(
                 conn,
                 _series,
                 series_instance_uid=obj.series_instance_uid,
@@ -108,8 +126,10 @@ class CatalogWriter:
                 body_part_examined=obj.body_part_examined,
                 series_description=obj.series_description,
                 series_number=obj.series_number,
-            ),
-        )
+            )
+
+        study_id = self._id(conn, learned, "study", obj.study_instance_uid, new_study)
+        series_id = self._id(conn, learned, "series", obj.series_instance_uid, new_series)
         values = {
             "series_id": series_id,
             "sop_class_uid": obj.sop_class_uid,
@@ -120,59 +140,34 @@ class CatalogWriter:
             "received_at": now,
             "calling_ae_title": peer.calling_ae_title,
         }
-        previous = conn.scalar(
-            select(_instance.c.sha256).where(_instance.c.sop_instance_uid == obj.sop_instance_uid)
-        )
         if previous is None:
-            conn.execute(insert(_instance).values(sop_instance_uid=obj.sop_instance_uid, **values))
-            outcome, detail = StoreOutcome.STORED, None
+            conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": obj.sop_instance_uid, **values})
+            outcome = StoreOutcome.STORED
         else:
-            conn.execute(
-                update(_instance)
-                .where(_instance.c.sop_instance_uid == obj.sop_instance_uid)
-                .values(**values)
-            )
-            outcome, detail = StoreOutcome.REPLACED, f"sha256 {previous} replaced by {sha256}"
-        reopened = conn.execute(
-            update(_study)
-            .where(_study.c.id == study_id, _study.c.state != StudyState.RECEIVING)
-            .values(state=StudyState.RECEIVING, needs_reanalysis=True, completed_at=None)
-        ).rowcount
-        conn.execute(
-            insert(_audit).values(
-                _audit_values(
-                    outcome.value,
-                    peer,
-                    status=0,
-                    study_instance_uid=obj.study_instance_uid,
-                    sop_instance_uid=obj.sop_instance_uid,
-                    detail=detail,
-                )
-            )
-        )
+            conn.execute(_REPLACE_INSTANCE, {"uid": obj.sop_instance_uid, **values})
+            outcome = StoreOutcome.REPLACED
+            audit["detail"] = f"sha256 {previous} replaced by {sha256}"
+        reopened = conn.execute(_REOPEN_STUDY, {"study_id": study_id}).rowcount
+        conn.execute(_INSERT_AUDIT, _audit_values(outcome, peer, **audit))
         return Recorded(outcome, bool(reopened))
 
     def _new_study(
         self,
         conn: Connection,
-        learned: dict[tuple[str, str], int],
+        learned: _Ids,
         obj: ReceivedObject,
         site_key: str,
         peer: Peer,
-        now: Any,
+        now: datetime,
     ) -> int:
-        site_id = self._id(
-            conn,
-            learned,
-            "site",
-            site_key,
-            lambda: _insert(conn, _site, key=site_key, created_at=now),
-        )
+        def new_site() -> int:
+            return _insert(conn, _site, key=site_key, created_at=now)
+
         return _insert(
             conn,
             _study,
             study_instance_uid=obj.study_instance_uid,
-            site_id=site_id,
+            site_id=self._id(conn, learned, "site", site_key, new_site),
             state=StudyState.RECEIVING,
             patient_id=obj.patient_id,
             accession_number=obj.accession_number,
@@ -185,29 +180,19 @@ class CatalogWriter:
         )
 
     def _id(
-        self,
-        conn: Connection,
-        learned: dict[tuple[str, str], int],
-        kind: str,
-        key: str,
-        create: Callable[[], int],
+        self, conn: Connection, learned: _Ids, kind: str, key: str, create: Callable[[], int]
     ) -> int:
         cached = self._ids.get((kind, key)) or learned.get((kind, key))
         if cached is not None:
             return cached
-        table, column = {
-            "site": (_site, _site.c.key),
-            "study": (_study, _study.c.study_instance_uid),
-            "series": (_series, _series.c.series_instance_uid),
-        }[kind]
-        found = conn.scalar(select(table.c.id).where(column == key))
+        found = conn.scalar(_FIND_ID[kind], {"key": key})
         row_id = int(found) if found is not None else create()
         learned[(kind, key)] = row_id
         return row_id
 
 
 def _insert(conn: Connection, table: Table, **values: Any) -> int:
-    key = conn.execute(insert(table).values(**values)).inserted_primary_key
+    key = conn.execute(insert(table), values).inserted_primary_key
     if key is None:
         raise RuntimeError(f"no primary key returned by the insert into {table.name}")
     return int(key[0])
@@ -216,7 +201,7 @@ def _insert(conn: Connection, table: Table, **values: Any) -> int:
 def _audit_values(event: str, peer: Peer | None, **fields: Any) -> dict[str, Any]:
     return {
         "at": utcnow(),
-        "event": event,
+        "event": str(event),
         "calling_ae_title": peer.calling_ae_title if peer else None,
         "peer_host": peer.host if peer else None,
         **fields,

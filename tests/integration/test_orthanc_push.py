@@ -35,10 +35,11 @@ def dataset_part(part10: bytes) -> bytes:
 
 
 def as_sent_by_dcmtk(part10: bytes) -> bytes:
-    """The dataset part of an explicit VR LE Part 10 file as DCMTK puts it on the wire.
+    """The dataset part of an explicit VR LE Part 10 file as Orthanc puts it on the wire.
 
-    Orthanc sends through DCMTK, which drops a trailing (FFFC,FFFC) Data Set Trailing Padding
-    (CT_small ends with 138 bytes of it); every other byte goes out as stored.
+    Orthanc 1.10 (DCMTK underneath; DCMTK storescp receives the same) leaves out a trailing
+    (FFFC,FFFC) Data Set Trailing Padding, of which CT_small has 138 bytes; every other byte
+    goes out as stored.
     """
     dataset = dataset_part(part10)
     ds = pydicom.dcmread(BytesIO(part10))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from plugin.catalog.models import Instance, Study
 from tests.integration.conftest import RunningNode
 from tests.peers.data import ct_small_copies, rg1
 from tests.peers.dcmtk import echoscu, storescu
+from tests.peers.ports import free_port
 
 PACSCLIP = str(Path(sys.executable).with_name("pacsclip"))
 
@@ -311,3 +313,63 @@ def test_completion_waits_for_the_quiet_period(
     node.publisher.wait_for(1)
 
     assert time.monotonic() - sent_at >= 1.5
+
+
+def test_associations_beyond_the_maximum_are_rejected(
+    start_node: Callable[..., RunningNode], tmp_path: Path
+) -> None:
+    node = start_node(max_associations=1)
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(CTImageStorage)
+    held = holder.associate("127.0.0.1", node.port, ae_title="PACSCLIP")
+    assert held.is_established
+    try:
+        second = storescu(
+            ct_small_copies(1, tmp_path / "src"), "127.0.0.1", node.port, aec="PACSCLIP"
+        )
+    finally:
+        held.release()
+
+    assert second.association_rejected
+    assert "local limit exceeded" in (second.stderr + second.stdout).lower()
+    # Once the first association is gone the node accepts again.
+    assert echoscu("127.0.0.1", node.port, aec="PACSCLIP").returncode == 0
+
+
+def test_no_patient_data_reaches_the_log(
+    start_node: Callable[..., RunningNode], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    node = start_node()
+    [path] = ct_small_copies(1, tmp_path / "src")
+    ds = dcmread(path)
+    ds.PatientName = "Doe^Jane^Quincy"
+    ds.PatientID = "MRN-99887766"
+    ds.PatientBirthDate = "19310407"
+    ds.save_as(path)
+    refused = copy.deepcopy(ds)
+    del refused.SeriesInstanceUID
+    refused.save_as(tmp_path / "refused.dcm", enforce_file_format=True)
+
+    storescu(
+        [path, tmp_path / "refused.dcm"], "127.0.0.1", node.port, aec="PACSCLIP", extra_args=["-nh"]
+    )
+    node.publisher.wait_for(1)
+
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert ds.StudyInstanceUID in logged  # the log does say what happened
+    for phi in ("Doe", "Jane", "MRN-99887766", "19310407"):
+        assert phi not in logged
+
+
+def test_unreachable_count_query_peer_is_logged_and_the_quiet_period_still_applies(
+    start_node: Callable[..., RunningNode], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    silent = {"ae_title": "NOPACS", "host": "127.0.0.1", "port": free_port()}
+    node = start_node(count_query_peer=silent)
+
+    storescu(ct_small_copies(1, tmp_path / "src"), "127.0.0.1", node.port, aec="PACSCLIP")
+    [event] = node.publisher.wait_for(1)
+
+    assert event.reason == "quiet_period"
+    assert "instance count query to NOPACS failed" in caplog.text

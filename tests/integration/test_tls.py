@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,8 @@ SUCCESS = 0x0000
 NODE_AET = "PACSCLIP"
 # storescu's own bounds: connect, association and DIMSE timeouts (seconds).
 STORESCU_TIMEOUTS = ["-to", "5", "-ta", "5", "-td", "5"]
+# How long a trusted caller is given while another connection sits idle (it needs ~0.2 s).
+IDLE_BLOCK_PROBE_S = 4
 
 
 def _store(
@@ -75,3 +79,28 @@ def test_tls_requires_a_trusted_client_certificate(
     sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert cataloged == sent
     assert _cataloged(node) == (1, 2)
+
+
+def test_idle_connection_does_not_block_tls_callers(
+    tmp_path: Path, start_node: Callable[..., RunningNode]
+) -> None:
+    server, client = make_tls_materials(tmp_path / "tls")
+    files = ct_small_copies(1, tmp_path / "ct")
+    node = start_node(tls_cert=server.cert, tls_key=server.key, tls_ca=server.ca_cert)
+
+    result: StoreResult | None = None
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5):  # says nothing
+        try:
+            result = storescu(
+                files,
+                "127.0.0.1",
+                node.port,
+                aec=NODE_AET,
+                tls=client,
+                extra_args=STORESCU_TIMEOUTS,
+                timeout_s=IDLE_BLOCK_PROBE_S,
+            )
+        except subprocess.TimeoutExpired:
+            result = None
+    assert result is not None, f"storescu got no answer within {IDLE_BLOCK_PROBE_S} s"
+    assert result.sent == [(files[0], SUCCESS)]
