@@ -40,8 +40,10 @@ from tests.peers.ports import free_port  # noqa: E402
 HOST = "127.0.0.1"
 MB = 1_000_000
 
-# The floor reference: a plain pynetdicom C-STORE SCP that fsyncs each file and its directory.
-# argv: port, output directory.
+# The floor references: a plain pynetdicom C-STORE SCP that fsyncs each file and its
+# directory, and (argv[3] == "noop") one that stores nothing and only counts, which is the
+# most any pynetdicom-based receiver can reach on this machine.
+# argv: port, output directory[, "noop"].
 FLOOR_SCP = """
 import os, socket, sys
 from pathlib import Path
@@ -52,11 +54,19 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"
 port, out = int(sys.argv[1]), Path(sys.argv[2])
+noop = sys.argv[3:] == ["noop"]
+received = []
 
 def on_open(event):
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+def on_close(event):
+    (out / "received.count").write_text(str(len(received)))
+
 def on_store(event):
+    if noop:
+        received.append(1)
+        return 0x0000
     path = out / (str(event.request.AffectedSOPInstanceUID) + ".dcm")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
@@ -78,7 +88,9 @@ ae.require_called_aet = False
 for context in StoragePresentationContexts:
     ae.add_supported_context(context.abstract_syntax)
 ae.add_supported_context(Verification)
-handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)]
+handlers = [
+    (evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store), (evt.EVT_CONN_CLOSE, on_close)
+]
 ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
 """
 
@@ -218,6 +230,13 @@ def start_floor_scp(workdir: Path, port: int, log: Path) -> subprocess.Popen[byt
     return spawn(command, workdir, log, receiver_env())
 
 
+def start_noop_scp(workdir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    out = workdir / "out"
+    out.mkdir()
+    command = [sys.executable, "-c", FLOOR_SCP, str(port), str(out), "noop"]
+    return spawn(command, workdir, log, receiver_env())
+
+
 def pacsclip_command() -> Path:
     """The pacsclip console script of the virtualenv running this script."""
     script = Path(sys.executable).parent / "pacsclip"
@@ -243,6 +262,15 @@ def count_flat(workdir: Path) -> int:
     return sum(1 for path in (workdir / "out").iterdir() if path.is_file())
 
 
+def count_acknowledged(workdir: Path) -> int:
+    """The no-op SCP writes its count when the association closes, just after storescu exits."""
+    counter = workdir / "out" / "received.count"
+    deadline = time.monotonic() + 5
+    while not counter.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return int(counter.read_text()) if counter.is_file() else 0
+
+
 def count_spool(workdir: Path) -> int:
     return sum(1 for _ in (workdir / "data" / "spool").glob("*/*/*.dcm"))
 
@@ -251,6 +279,7 @@ RECEIVERS = [
     Receiver("storescp", "STORESCP", start_storescp, count_flat),
     Receiver("pacsclip", "PACSCLIP", start_pacsclip, count_spool),
     Receiver("pynetdicom+fsync", "FLOORSCP", start_floor_scp, count_flat),
+    Receiver("pynetdicom no-op", "FLOORSCP", start_noop_scp, count_acknowledged),
 ]
 
 
@@ -397,6 +426,7 @@ def ratio_pairs() -> list[tuple[str, str]]:
     return [
         ("pacsclip", "storescp"),
         ("pynetdicom+fsync", "storescp"),
+        ("pynetdicom no-op", "storescp"),
         ("pacsclip", "pynetdicom+fsync"),
     ]
 
