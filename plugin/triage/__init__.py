@@ -1,0 +1,59 @@
+"""Triage math of the CLIP runtime: zero-shot, calibration, few-shot heads, priority, saliency.
+
+Pure numpy (and scipy): embeddings, probabilities and callables in; arrays and dataclasses out.
+Only the heads' save/load touch the file system, and only the .npz path they are given.
+"""
+
+from plugin.triage.calibration import (
+    Calibration,
+    Decision,
+    InsufficientLabels,
+    decide,
+    fit_calibration,
+)
+from plugin.triage.heads import HEAD_FORMAT_VERSION, HeadLoadError, LinearProbe, TipAdapter
+from plugin.triage.priority import ROUTINE, STAT, Priority, PriorityPolicy
+from plugin.triage.saliency import (
+    Region,
+    occlusion_map,
+    patch_similarity_map,
+    peak,
+    region,
+    resize_bilinear,
+)
+from plugin.triage.zeroshot import (
+    FindingPrompts,
+    ensemble_embedding,
+    l2_normalise,
+    prompts_from_arrays,
+    zero_shot_logits,
+    zero_shot_probabilities,
+)
+
+__all__ = [
+    "HEAD_FORMAT_VERSION",
+    "ROUTINE",
+    "STAT",
+    "Calibration",
+    "Decision",
+    "FindingPrompts",
+    "HeadLoadError",
+    "InsufficientLabels",
+    "LinearProbe",
+    "Priority",
+    "PriorityPolicy",
+    "Region",
+    "TipAdapter",
+    "decide",
+    "ensemble_embedding",
+    "fit_calibration",
+    "l2_normalise",
+    "occlusion_map",
+    "patch_similarity_map",
+    "peak",
+    "prompts_from_arrays",
+    "region",
+    "resize_bilinear",
+    "zero_shot_logits",
+    "zero_shot_probabilities",
+]
