@@ -91,12 +91,16 @@ class DicomNode:
             )
         self.recover()
         self.monitor.start()
-        self.server = self.ae.start_server(
-            (self.settings.dicom_host, self.settings.dicom_port),
-            block=False,
-            evt_handlers=self._handlers(),
-            ssl_context=server_ssl_context(self.settings),
-        )
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.dicom_host, self.settings.dicom_port),
+                block=False,
+                evt_handlers=self._handlers(),
+                ssl_context=server_ssl_context(self.settings),
+            )
+        except BaseException:
+            self.stop()
+            raise
         logger.info(
             "DICOM node %s listening on %s:%d%s",
             self.settings.ae_title,

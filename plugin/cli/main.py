@@ -82,14 +82,25 @@ NodePort = Annotated[int | None, typer.Option("--port", help="DICOM port.")]
 NodeAet = Annotated[str | None, typer.Option("--ae-title", help="Our AE title.")]
 
 
+def _run_node(settings: Settings) -> None:
+    from dicom_node.node import main
+    from dicom_node.routing import RulesError
+
+    try:
+        main(settings)
+    except RulesError as exc:
+        raise _fail(str(exc)) from exc
+    except OSError as exc:
+        where = f"{settings.dicom_host}:{settings.dicom_port}"
+        raise _fail(f"cannot start the DICOM node on {where}: {exc}") from exc
+
+
 @app.command()
 def node(
     ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
 ) -> None:
     """Run the DICOM node alone: receive, catalog, and publish complete studies."""
-    from dicom_node.node import main
-
-    main(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
+    _run_node(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
 
 
 @app.command()
@@ -97,9 +108,7 @@ def serve(
     ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
 ) -> None:
     """Run pacsclip on one machine with the embedded defaults (SQLite catalog)."""
-    from dicom_node.node import main
-
-    main(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
+    _run_node(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
 
 
 @app.command()
