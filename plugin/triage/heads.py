@@ -243,17 +243,19 @@ def _write_npz(
 def _read_npz(path: Path, kind: str, names: Sequence[str]) -> dict[str, npt.NDArray[np.generic]]:
     try:
         # allow_pickle=False: a head file must never be able to run code when it is opened.
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise HeadLoadError(f"head {path} is not an .npz archive")
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise HeadLoadError(f"cannot read head {path}: {exc}") from exc
-    missing = [
-        name for name in ("kind", "format_version", "findings", *names) if name not in arrays
-    ]
+    if "kind" not in arrays or str(arrays["kind"]) != kind:
+        found = str(arrays["kind"]) if "kind" in arrays else "file of unknown kind"
+        raise HeadLoadError(f"head {path} is a {found}, not a {kind}")
+    missing = [name for name in ("format_version", "findings", *names) if name not in arrays]
     if missing:
         raise HeadLoadError(f"head {path} lacks {', '.join(missing)}")
-    if str(arrays["kind"]) != kind:
-        raise HeadLoadError(f"head {path} is a {arrays['kind']}, not a {kind}")
     if int(arrays["format_version"]) != HEAD_FORMAT_VERSION:
         raise HeadLoadError(
             f"head {path} has format version {int(arrays['format_version'])}; "
