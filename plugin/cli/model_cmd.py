@@ -2,6 +2,250 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
 
+from plugin.errors import PacsclipError
+from plugin.models.bundle import (
+    SYNTHETIC_NOTICE,
+    BundleError,
+    ImageSpec,
+    Manifest,
+    read_prompts_file,
+    validate_model,
+)
+from plugin.models.registry import BundleReport, Registry
+
+if TYPE_CHECKING:
+    # Not imported at run time until needed: it loads onnxruntime, which `model list` and
+    # every other pacsclip command can do without.
+    from plugin.models.runtime import OnnxImport
+
 model_app = typer.Typer(no_args_is_help=True, help="Model bundles.")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+# OpenAI CLIP's pixel statistics: what most RGB CLIP towers (and their fine-tunes) expect.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _registry(ctx: typer.Context) -> Registry:
+    # Imported here, not at the top: plugin.cli.main imports this module while it loads.
+    from plugin.cli.main import _settings
+
+    return Registry.for_data_dir(_settings(ctx).data_dir)
+
+
+@contextmanager
+def _exit_on_error() -> Iterator[None]:
+    """Map the core's errors to exit code 2 with their message (which says what to fix)."""
+    try:
+        yield
+    except PacsclipError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@model_app.command("list")
+def model_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Installed and built-in bundles; the active one is marked with '*'."""
+    registry = _registry(ctx)
+    with _exit_on_error():
+        entries = registry.list()
+    if as_json:
+        _print_json([e.as_dict() for e in entries])
+        return
+    if not entries:
+        typer.echo(f"no model bundles in {registry.root}; add one with `pacsclip model install`")
+        return
+    for e in entries:
+        flags = [f for f, on in (("built-in", e.builtin), ("synthetic", e.synthetic)) if on]
+        mark = "*" if e.active else " "
+        typer.echo(f"{mark} {e.ref:<40} {' '.join(flags):<20} {e.path}")
+
+
+@model_app.command("info")
+def model_info(
+    ctx: typer.Context,
+    name: str,
+    version: Annotated[
+        str | None, typer.Option(help="Default: the active version, else the newest.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Manifest summary, model card, findings and checksums (exit 1 when a checksum fails)."""
+    registry = _registry(ctx)
+    with _exit_on_error():
+        report = registry.info(name, version)
+    if as_json:
+        _print_json(_report_json(report))
+    else:
+        _print_report(report)
+    if not report.checksums_ok:
+        raise typer.Exit(1)
+
+
+def _report_json(report: BundleReport) -> dict[str, Any]:
+    return {
+        **report.entry.as_dict(),
+        "manifest": report.manifest.model_dump(mode="json"),
+        "checksums_ok": report.checksums_ok,
+        "checksums": [
+            {
+                "file": c.label,
+                "path": str(c.path),
+                "expected": c.expected,
+                "actual": c.actual,
+                "ok": c.ok,
+            }
+            for c in report.checks
+        ],
+    }
+
+
+def _print_report(report: BundleReport) -> None:
+    m, e = report.manifest, report.entry
+    image = m.image
+    yes_no = {True: "yes", False: "no"}
+    typer.echo(f"{m.ref}  ({'built-in' if e.builtin else 'installed'}, {e.path})")
+    typer.echo(f"active: {yes_no[e.active]}")
+    typer.echo(f"synthetic: {f'yes, {SYNTHETIC_NOTICE}' if m.synthetic else 'no'}")
+    typer.echo(f"embedding_dim: {m.embedding_dim}   logit_scale: {m.logit_scale}")
+    typer.echo(
+        f"image: {image.channels}x{image.size}x{image.size}, mean {image.mean}, std {image.std}, "
+        f"resize {image.resize}, window {image.window}"
+    )
+    typer.echo(f"text encoder: {m.text_encoder.kind}")
+    _print_findings(m)
+    card = m.model_card
+    typer.echo("model card:")
+    typer.echo(f"  intended use: {card.intended_use}")
+    typer.echo(f"  training data: {card.training_data}")
+    typer.echo(f"  limitations: {card.limitations}")
+    typer.echo(f"  not for clinical use: {yes_no[card.not_for_clinical_use]}")
+    typer.echo(f"checksums: {'OK' if report.checksums_ok else 'FAILED'}")
+    for check in report.checks:
+        typer.echo(f"  OK      {check.label}" if check.ok else f"  FAILED  {check.describe()}")
+
+
+def _print_findings(m: Manifest) -> None:
+    typer.echo(f"findings: {len(m.findings) or 'none'}")
+    for f in m.findings:
+        stat = f", stat >= {f.stat_threshold}" if f.stat_threshold is not None else ""
+        typer.echo(
+            f"  {f.name} ({f.display}): {len(f.positive_prompts)} positive / "
+            f"{len(f.negative_prompts)} negative prompts x {len(f.templates)} templates, "
+            f"threshold {f.calibration.threshold}{stat}"
+        )
+    stat_if_any = ", ".join(m.priority.stat_if_any) or "none"
+    typer.echo(f"priority: stat if any of [{stat_if_any}], else {m.priority.default}")
+    for head in m.heads:
+        typer.echo(f"  head {head.name}-v{head.version} ({head.kind}): {', '.join(head.findings)}")
+
+
+@model_app.command("install")
+def model_install(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="A bundle folder with its bundle.json.")],
+    activate: Annotated[bool, typer.Option(help="Make it the active bundle.")] = False,
+) -> None:
+    """Verify a bundle's checksums and copy it into the registry."""
+    registry = _registry(ctx)
+    with _exit_on_error():
+        ref = registry.install(directory, activate=activate)
+    typer.echo(f"installed {ref}{' (active)' if activate else ''}")
+
+
+@model_app.command("activate")
+def model_activate(ctx: typer.Context, name: str, version: str) -> None:
+    """Make NAME VERSION the bundle the workers use (checksums are verified first)."""
+    registry = _registry(ctx)
+    with _exit_on_error():
+        bundle = registry.activate(name, version)
+    typer.echo(f"active model: {bundle.ref}")
+
+
+@model_app.command("import-onnx")
+def model_import_onnx(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Option("--image", help="Image tower ONNX file.")],
+    name: Annotated[str, typer.Option(help="Bundle name (lowercase, digits, . _ -).")],
+    version: Annotated[str, typer.Option(help="Bundle version, e.g. 2026.1.0.")],
+    embedding_dim: Annotated[int, typer.Option(help="Size D of the embeddings.")],
+    text: Annotated[Path | None, typer.Option("--text", help="Text tower ONNX file.")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Folder with the text tower's tokenizer.json.")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="JSON file with findings (and priority); needs --text.")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Input height and width in pixels.")] = 224,
+    channels: Annotated[int, typer.Option(help="1 (grey) or 3 (RGB).")] = 3,
+    mean: Annotated[
+        str | None, typer.Option(help="Comma-separated per-channel mean; default OpenAI CLIP's.")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Comma-separated per-channel std; default OpenAI CLIP's.")
+    ] = None,
+    resize: Annotated[str, typer.Option(help="letterbox, stretch or center-crop.")] = "letterbox",
+    activate: Annotated[bool, typer.Option(help="Make it the active bundle.")] = False,
+) -> None:
+    """Check ONNX towers by running them, pin them by SHA-256, write a bundle and install it."""
+    from plugin.models.runtime import OnnxImport
+
+    registry = _registry(ctx)
+    with _exit_on_error():
+        spec_image = validate_model(
+            ImageSpec,
+            {
+                "size": size,
+                "channels": channels,
+                "mean": _floats("--mean", mean, CLIP_MEAN if channels == 3 else (0.5,)),
+                "std": _floats("--std", std, CLIP_STD if channels == 3 else (0.5,)),
+                "resize": resize,
+            },
+            "the image options are invalid",
+        )
+        spec = OnnxImport(
+            image_tower=image,
+            name=name,
+            version=version,
+            embedding_dim=embedding_dim,
+            image=spec_image,
+            text_tower=text,
+            tokenizer_dir=tokenizer,
+            prompts=read_prompts_file(prompts) if prompts is not None else None,
+        )
+        ref = _build_and_install(registry, spec, activate)
+    typer.echo(f"installed {ref}{' (active)' if activate else ''}")
+
+
+def _build_and_install(registry: Registry, spec: OnnxImport, activate: bool) -> str:
+    from plugin.models.runtime import build_onnx_bundle
+
+    # Staged inside the registry root: same file system as the final copy, and a crash
+    # leaves only a dot-folder that no listing reads.
+    registry.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=registry.root) as staging:
+        bundle = build_onnx_bundle(spec, Path(staging) / "bundle")
+        return registry.install(bundle.directory, activate=activate)
+
+
+def _floats(option: str, text: str | None, default: tuple[float, ...]) -> list[float]:
+    if text is None:
+        return list(default)
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise BundleError(f"{option} must be comma-separated numbers, got {text!r}") from exc

@@ -15,9 +15,17 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from plugin.errors import PacsclipError
 
@@ -25,14 +33,39 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 SYNTHETIC_NOTICE = "synthetic demo model, not for clinical use"
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_FINDING_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _matching(pattern: re.Pattern[str], rule: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not pattern.match(value):
+            raise ValueError(f"{value!r} is not allowed: use {rule}")
+        return value
+
+    return AfterValidator(check)
+
+
 # Names and versions become folder names in the registry, and finding names become keys in
 # prompt_embeddings.npz ("<finding>/positive"), so all three are kept to safe characters.
-BundleName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
-BundleVersion = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")]
-FindingName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+BundleName = Annotated[
+    str,
+    _matching(_NAME_RE, "1-64 lowercase letters, digits, '.', '_' or '-', starting alphanumeric"),
+]
+BundleVersion = Annotated[
+    str,
+    _matching(_VERSION_RE, "1-64 letters, digits, '.', '_', '+' or '-', starting alphanumeric"),
+]
+FindingName = Annotated[
+    str,
+    _matching(_FINDING_RE, "1-64 lowercase letters, digits or '_', starting with a letter"),
+]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -67,8 +100,7 @@ class FileRef(_Strict):
     def _hex_digest(cls, value: str) -> str:
         if not _SHA256_RE.match(value):
             raise ValueError(
-                "must be 64 lowercase hex digits (the output of `sha256sum FILE`); "
-                f"got {value!r}"
+                f"must be 64 lowercase hex digits (the output of `sha256sum FILE`); got {value!r}"
             )
         return value
 
@@ -80,7 +112,8 @@ class ImageSpec(_Strict):
     channels: Literal[1, 3]
     mean: list[float]
     std: list[float]
-    resize: Literal["letterbox", "stretch", "center_crop"] = "letterbox"
+    # Same vocabulary as plugin.imaging.preprocess.ImageSpec, which does the pixel work.
+    resize: Literal["letterbox", "stretch", "center-crop"] = "letterbox"
     window: Literal["voi_lut_or_minmax", "minmax"] = "voi_lut_or_minmax"
     invert_monochrome1: bool = True
 
@@ -88,10 +121,10 @@ class ImageSpec(_Strict):
     def _per_channel(self) -> ImageSpec:
         for key in ("mean", "std"):
             values = getattr(self, key)
-            if len(values) != self.channels:
+            if len(values) not in (1, self.channels):
                 raise ValueError(
                     f"image.{key} has {len(values)} values but image.channels is "
-                    f"{self.channels}: give one value per channel"
+                    f"{self.channels}: give one value per channel, or one for all"
                 )
         if any(s <= 0 for s in self.std):
             raise ValueError("image.std values must all be > 0")
@@ -182,7 +215,7 @@ class HeadRef(_Strict):
 
     name: FindingName
     version: int = Field(ge=1)
-    kind: Literal["linear_probe", "cache_model"]
+    kind: Literal["linear_probe", "tip_adapter"]  # the KIND of plugin.triage.heads
     file: FileRef
     findings: list[str] = Field(min_length=1)
     fitted_on: str | None = None
@@ -236,6 +269,17 @@ class Manifest(_Strict):
 
     def _check_references(self, names: set[str]) -> None:
         unknown = [n for n in self.priority.stat_if_any if n not in names]
+        # A stat rule without a threshold would never (or always) fire.
+        no_threshold = [
+            f.name
+            for f in self.findings
+            if f.name in self.priority.stat_if_any and f.stat_threshold is None
+        ]
+        if no_threshold:
+            raise ValueError(
+                f"findings {no_threshold} are in priority.stat_if_any but have no "
+                "stat_threshold: give each a stat_threshold between 0 and 1"
+            )
         for head in self.heads:
             unknown += [n for n in head.findings if n not in names]
         if unknown:
@@ -246,9 +290,7 @@ class Manifest(_Strict):
     def _check_text_sources(self) -> None:
         kind = self.text_encoder.kind
         if kind == "onnx" and (self.files.text_tower is None or self.files.tokenizer is None):
-            raise ValueError(
-                "text_encoder.kind 'onnx' needs files.text_tower and files.tokenizer"
-            )
+            raise ValueError("text_encoder.kind 'onnx' needs files.text_tower and files.tokenizer")
         if kind != "onnx" and self.files.text_tower is not None:
             raise ValueError("files.text_tower is given: set text_encoder.kind to 'onnx'")
         # Triage scores findings against prompt embeddings; without a way to get them the
@@ -261,6 +303,22 @@ class Manifest(_Strict):
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+class PromptsFile(_Strict):
+    """The ``--prompts FILE.json`` of ``import-onnx``: the manifest's finding-related keys."""
+
+    findings: list[Finding] = Field(min_length=1)
+    priority: PriorityPolicy = Field(default_factory=PriorityPolicy)
+    logit_scale: float = Field(100.0, gt=0.0)
+
+
+def read_prompts_file(path: Path) -> PromptsFile:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read prompts file {path}: {exc}") from exc
+    return validate_model(PromptsFile, data, f"{path} is not a valid prompts file")
 
 
 @dataclass(frozen=True)
@@ -397,11 +455,16 @@ def read_manifest(directory: Path) -> Manifest:
 
 def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     """Validate manifest data; the error lists every problem with its key path."""
+    return validate_model(Manifest, data, f"{source} is not a valid bundle manifest")
+
+
+def validate_model(model: type[ModelT], data: Any, what: str) -> ModelT:
+    """``model.model_validate(data)``, raising :class:`BundleError` with one line per problem."""
     try:
-        return Manifest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {line}" for line in describe_validation_error(exc, Manifest))
-        raise BundleError(f"{source} is not a valid bundle manifest:\n{problems}") from exc
+        problems = "\n".join(f"  - {line}" for line in describe_validation_error(exc, model))
+        raise BundleError(f"{what}:\n{problems}") from exc
 
 
 def load_bundle(directory: Path) -> Bundle:

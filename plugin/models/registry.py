@@ -152,7 +152,9 @@ class Registry:
         """
         entry = self._find(name, version)
         manifest = read_manifest(entry.path)
-        return BundleReport(entry=entry, manifest=manifest, checks=check_files(entry.path, manifest))
+        return BundleReport(
+            entry=entry, manifest=manifest, checks=check_files(entry.path, manifest)
+        )
 
     def active(self) -> Bundle | None:
         """The active bundle, checksum-verified, or None when none was activated."""
