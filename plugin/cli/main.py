@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from plugin.cli.model_cmd import model_app
+from plugin.cli.triage_cmd import triage
 from plugin.errors import ConfigError
 from plugin.logs import configure_logging
 from plugin.settings import DicomPeer, Settings, load_settings
@@ -26,6 +27,7 @@ app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
+app.command()(triage)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 

@@ -337,3 +337,20 @@ def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Natural order, so 2026.10.0 sorts after 2026.9.0."""
     parts = re.findall(r"\d+|[^\d]+", version)
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
+
+
+def resolve_bundle(data_dir: Path, bundle_dir: Path | None = None) -> Bundle:
+    """The bundle to run: an explicit folder, else the active one, else the built-in demo."""
+    if bundle_dir is not None:
+        return load_bundle(bundle_dir)
+    registry = Registry.for_data_dir(data_dir)
+    active = registry.active()
+    if active is not None:
+        return active
+    builtin = builtin_bundle_dirs()
+    if builtin:
+        return load_bundle(builtin[0])
+    raise RegistryError(
+        "no model bundle: install one with 'pacsclip model install DIR --activate' "
+        "or pass --bundle DIR"
+    )

@@ -1,0 +1,223 @@
+"""Run a model bundle on the images of a study: the triage the worker and ``pacsclip triage`` share.
+
+DICOM datasets -> model input -> image embeddings -> per-finding probabilities (zero-shot
+prompt ensembles, or a fitted head) -> pooled over images -> calibrated decisions ->
+priority -> saliency maps for the findings worth showing. Loaded once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom import Dataset
+
+from plugin.imaging import ImageSpec, display_array, model_input, pool_scores, select_images
+from plugin.models.bundle import SYNTHETIC_NOTICE, Bundle
+from plugin.models.runtime import ImageEncoder, PromptEmbeddings
+from plugin.triage import (
+    Calibration,
+    FindingPrompts,
+    PriorityPolicy,
+    decide,
+    occlusion_map,
+    peak,
+    region,
+    zero_shot_probabilities,
+)
+
+logger = logging.getLogger(__name__)
+
+AI_NOTICE = "AI result - not for diagnosis"
+# Occlusion runs at about the tower's resolution: finer maps cost more than they show.
+SALIENCY_MAX_SIDE = 224
+REGION_KEYS = ("row_min", "col_min", "row_max", "col_max")
+
+
+@dataclass(frozen=True)
+class FindingOutcome:
+    name: str
+    display: str
+    raw_probability: float  # before calibration, pooled over the study's images
+    probability: float  # calibrated
+    decision: str  # present | absent | indeterminate
+    threshold: float
+    source_sop_instance_uid: str  # the image that scored highest
+
+
+@dataclass(frozen=True)
+class SaliencyOutcome:
+    finding: str
+    sop_instance_uid: str
+    heatmap: NDArray[np.float32]  # at the source image size, in [0, 1]
+    peak: tuple[int, int, float]
+    region: tuple[int, int, int, int] | None  # row_min, col_min, row_max, col_max
+
+
+@dataclass(frozen=True)
+class TriageReport:
+    algorithm_name: str
+    algorithm_version: str
+    synthetic: bool
+    findings: list[FindingOutcome]
+    priority: str
+    triggered_by: list[str]
+    images: list[str]  # SOP Instance UIDs scored
+    embeddings: NDArray[np.float32]  # [images, D], for similar-case retrieval
+    saliency: list[SaliencyOutcome] = field(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        return [AI_NOTICE, *([SYNTHETIC_NOTICE] if self.synthetic else [])]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": {
+                "name": self.algorithm_name,
+                "version": self.algorithm_version,
+                "synthetic": self.synthetic,
+            },
+            "notices": self.notices,
+            "priority": self.priority,
+            "triggered_by": self.triggered_by,
+            "findings": [f.__dict__ for f in self.findings],
+            "images": self.images,
+            "saliency": [
+                {
+                    "finding": s.finding,
+                    "sop_instance_uid": s.sop_instance_uid,
+                    "peak": {"row": s.peak[0], "col": s.peak[1], "value": s.peak[2]},
+                    "region": None
+                    if s.region is None
+                    else dict(zip(REGION_KEYS, s.region, strict=True)),
+                }
+                for s in self.saliency
+            ],
+        }
+
+
+class TriageModel:
+    """A bundle ready to score studies: encoder session, prompts, calibration, priority."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+        manifest = bundle.manifest
+        self.bundle = bundle
+        self.spec = ImageSpec.from_manifest(manifest.image.model_dump())
+        self.encoder = ImageEncoder(bundle, threads=threads)
+        prompts = PromptEmbeddings.load(bundle)
+        self.prompts = [
+            FindingPrompts.from_prompt_sets(f.name, *prompts.for_finding(f.name))
+            for f in manifest.findings
+        ]
+        self.calibrations = {
+            f.name: Calibration.from_manifest(f.calibration.model_dump()) for f in manifest.findings
+        }
+        self.policy = PriorityPolicy.from_manifest(
+            manifest.priority.model_dump(), [f.model_dump() for f in manifest.findings]
+        )
+        self.logit_scale = manifest.logit_scale
+
+    @property
+    def finding_names(self) -> list[str]:
+        return [p.name for p in self.prompts]
+
+    def probabilities(self, inputs: NDArray[np.float32]) -> NDArray[np.float64]:
+        """Uncalibrated per-finding probabilities [N, F] of model inputs [N, C, H, W]."""
+        embeds = self.encoder.encode(inputs)
+        return zero_shot_probabilities(embeds, self.prompts, self.logit_scale)
+
+    def triage(self, datasets: Sequence[Dataset], *, saliency: bool = True) -> TriageReport:
+        images = _images_to_score(datasets)
+        if not images:
+            raise ValueError("no image in the study can be scored")
+        displays = [
+            display_array(
+                ds, window=self.spec.window, invert_monochrome1=self.spec.invert_monochrome1
+            )
+            for ds in images
+        ]
+        inputs = np.stack([model_input(d, self.spec) for d in displays])
+        embeds = self.encoder.encode(inputs)
+        probs = zero_shot_probabilities(embeds, self.prompts, self.logit_scale)
+        pooled = pool_scores(probs, "max")
+        best = probs.argmax(axis=0)
+        findings = []
+        for j, finding in enumerate(self.bundle.manifest.findings):
+            calibration = self.calibrations[finding.name]
+            calibrated = float(calibration.apply(np.array([pooled[j]]))[0])
+            findings.append(
+                FindingOutcome(
+                    name=finding.name,
+                    display=finding.display,
+                    raw_probability=float(pooled[j]),
+                    probability=calibrated,
+                    decision=decide(calibrated, calibration),
+                    threshold=calibration.threshold,
+                    source_sop_instance_uid=str(images[best[j]].SOPInstanceUID),
+                )
+            )
+        priority, triggered = self.policy.priority_for({f.name: f.probability for f in findings})
+        report = TriageReport(
+            algorithm_name=self.bundle.name,
+            algorithm_version=self.bundle.version,
+            synthetic=self.bundle.is_synthetic,
+            findings=findings,
+            priority=priority,
+            triggered_by=triggered,
+            images=[str(ds.SOPInstanceUID) for ds in images],
+            embeddings=embeds.astype(np.float32),
+        )
+        if saliency:
+            report.saliency.extend(self._saliency(findings, images, displays))
+        return report
+
+    def _saliency(
+        self,
+        findings: list[FindingOutcome],
+        images: list[Dataset],
+        displays: list[NDArray[np.float32]],
+    ) -> list[SaliencyOutcome]:
+        """Heat maps for present or indeterminate findings (the most likely one if none)."""
+        shown = [f for f in findings if f.decision != "absent"] or [
+            max(findings, key=lambda f: f.probability)
+        ]
+        index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(images)}
+        column = {name: j for j, name in enumerate(self.finding_names)}
+        outcomes = []
+        for finding in shown:
+            i = index_of[finding.source_sop_instance_uid]
+
+            def score(batch: NDArray[Any], j: int = column[finding.name]) -> NDArray[Any]:
+                inputs = np.stack([model_input(image, self.spec) for image in batch])
+                return self.probabilities(inputs)[:, j]
+
+            heatmap = occlusion_map(
+                displays[i], score, patch=32, stride=16, max_side=SALIENCY_MAX_SIDE
+            )
+            box = region(heatmap)
+            outcomes.append(
+                SaliencyOutcome(
+                    finding=finding.name,
+                    sop_instance_uid=finding.source_sop_instance_uid,
+                    heatmap=heatmap,
+                    peak=peak(heatmap),
+                    region=None
+                    if box is None
+                    else (box.row_min, box.col_min, box.row_max, box.col_max),
+                )
+            )
+        return outcomes
+
+
+def _images_to_score(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Every projection image; sampled slices of each CT/MR series."""
+    series: dict[str, list[Dataset]] = defaultdict(list)
+    for ds in datasets:
+        if "PixelData" in ds:
+            series[str(ds.get("SeriesInstanceUID", ""))].append(ds)
+    return [image for members in series.values() for image in select_images(members)]

@@ -1,0 +1,161 @@
+"""The triage pipeline end to end on a tiny exported tower: DICOM in, ranked findings out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from typer.testing import CliRunner
+
+from plugin.cli.main import app
+from plugin.imaging import ImageSpec, dataset_input
+from plugin.inference import AI_NOTICE, TriageModel
+from plugin.models.bundle import SYNTHETIC_NOTICE, load_bundle, pin_file
+from plugin.models.runtime import ImageEncoder
+from tests.models_fixtures import (
+    FINDINGS,
+    TinyImageTower,
+    build_bundle,
+    edit_manifest,
+    export_image_tower,
+)
+
+
+def radiograph(pixels: np.ndarray, path: Path) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (pixels * 4095).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A bundle whose effusion prompts are the embeddings of two known images."""
+    root = tmp_path_factory.mktemp("inference")
+    torch.manual_seed(0)
+    tower = export_image_tower(TinyImageTower(), root / "tower.onnx")
+    bundle_dir = build_bundle(root / "bundle", tower)
+    yy, xx = np.mgrid[0:96, 0:80] / 96.0
+    positive = radiograph(np.clip(0.2 + 0.8 * (xx < 0.35), 0, 1), root / "positive.dcm")
+    negative = radiograph(np.clip(0.1 + 0.9 * yy, 0, 1), root / "negative.dcm")
+
+    bundle = load_bundle(bundle_dir)
+    spec = ImageSpec.from_manifest(bundle.manifest.image.model_dump())
+    encoder = ImageEncoder(bundle, threads=1)
+    pos, neg = encoder.encode(np.stack([dataset_input(d, spec) for d in (positive, negative)]))
+    arrays = dict(np.load(bundle_dir / "prompt_embeddings.npz"))
+    arrays["pleural_effusion/positive"] = pos[None]
+    arrays["pleural_effusion/negative"] = neg[None]
+    with (bundle_dir / "prompt_embeddings.npz").open("wb") as f:
+        np.savez(f, **arrays)
+    files = json.loads((bundle_dir / "bundle.json").read_text())["files"]
+    files["prompt_embeddings"] = pin_file(bundle_dir, "prompt_embeddings.npz").model_dump()
+    edit_manifest(bundle_dir, files=files)
+    return bundle_dir, root / "positive.dcm", root / "negative.dcm"
+
+
+def test_the_image_matching_the_positive_prompts_scores_high(
+    study: tuple[Path, Path, Path],
+) -> None:
+    from pydicom import dcmread
+
+    bundle_dir, positive, negative = study
+    model = TriageModel(load_bundle(bundle_dir), threads=1)
+
+    high = model.triage([dcmread(positive)])
+    low = model.triage([dcmread(negative)])
+
+    effusion_high = next(f for f in high.findings if f.name == "pleural_effusion")
+    effusion_low = next(f for f in low.findings if f.name == "pleural_effusion")
+    assert effusion_high.probability > 0.9 > 0.1 > effusion_low.probability
+    assert effusion_high.decision == "present"
+    assert effusion_low.decision == "absent"
+    assert [f.name for f in high.findings] == [f["name"] for f in FINDINGS]
+    assert high.embeddings.shape == (1, 16)
+
+
+def test_a_study_pools_its_images_and_names_the_image_that_scored(
+    study: tuple[Path, Path, Path],
+) -> None:
+    from pydicom import dcmread
+
+    bundle_dir, positive, negative = study
+    model = TriageModel(load_bundle(bundle_dir), threads=1)
+    pos, neg = dcmread(positive), dcmread(negative)
+
+    report = model.triage([neg, pos])
+
+    effusion = next(f for f in report.findings if f.name == "pleural_effusion")
+    assert effusion.probability > 0.9
+    assert effusion.source_sop_instance_uid == pos.SOPInstanceUID
+    assert sorted(report.images) == sorted([pos.SOPInstanceUID, neg.SOPInstanceUID])
+
+
+def test_saliency_maps_are_at_image_size(study: tuple[Path, Path, Path]) -> None:
+    from pydicom import dcmread
+
+    bundle_dir, positive, _ = study
+    model = TriageModel(load_bundle(bundle_dir), threads=1)
+
+    report = model.triage([dcmread(positive)])
+
+    shown = {s.finding: s for s in report.saliency}
+    assert "pleural_effusion" in shown
+    heatmap = shown["pleural_effusion"].heatmap
+    assert heatmap.shape == (96, 80)
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
+
+
+def test_triage_cli_prints_findings_with_algorithm_and_notices(
+    study: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    bundle_dir, positive, _ = study
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "--data-dir",
+            str(tmp_path),
+            "triage",
+            str(positive),
+            "--bundle",
+            str(bundle_dir),
+            "--json",
+            "--threads",
+            "1",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["algorithm"] == {"name": "tiny-clip", "version": "1.0.0", "synthetic": True}
+    assert report["notices"] == [AI_NOTICE, SYNTHETIC_NOTICE]
+    effusion = next(f for f in report["findings"] if f["name"] == "pleural_effusion")
+    assert effusion["decision"] == "present"
+
+
+def test_triage_cli_without_any_bundle_says_how_to_get_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, study: tuple[Path, Path, Path]
+) -> None:
+    monkeypatch.setattr("plugin.models.registry.builtin_bundle_dirs", lambda: [])
+
+    result = CliRunner().invoke(app, ["--data-dir", str(tmp_path), "triage", str(study[1])])
+
+    assert result.exit_code == 2
+    assert "pacsclip model install" in result.output
