@@ -23,7 +23,9 @@ from plugin.models.runtime import ImageEncoder, PromptEmbeddings
 from plugin.triage import (
     Calibration,
     FindingPrompts,
+    LinearProbe,
     PriorityPolicy,
+    TipAdapter,
     decide,
     occlusion_map,
     peak,
@@ -121,6 +123,7 @@ class TriageModel:
             manifest.priority.model_dump(), [f.model_dump() for f in manifest.findings]
         )
         self.logit_scale = manifest.logit_scale
+        self.head = _load_head(bundle)
 
     @property
     def finding_names(self) -> list[str]:
@@ -128,8 +131,19 @@ class TriageModel:
 
     def probabilities(self, inputs: NDArray[np.float32]) -> NDArray[np.float64]:
         """Uncalibrated per-finding probabilities [N, F] of model inputs [N, C, H, W]."""
-        embeds = self.encoder.encode(inputs)
-        return zero_shot_probabilities(embeds, self.prompts, self.logit_scale)
+        return self.scores(self.encoder.encode(inputs))
+
+    def scores(self, embeds: NDArray[np.float32]) -> NDArray[np.float64]:
+        """Zero-shot probabilities, replaced by the active head's for the findings it has."""
+        probs = zero_shot_probabilities(embeds, self.prompts, self.logit_scale)
+        if self.head is None:
+            return probs
+        columns = [self.finding_names.index(name) for name in self.head.findings]
+        if isinstance(self.head, TipAdapter):
+            probs[:, columns] = self.head.predict_proba(embeds, probs[:, columns])
+        else:
+            probs[:, columns] = self.head.predict_proba(embeds)
+        return probs
 
     def triage(self, datasets: Sequence[Dataset], *, saliency: bool = True) -> TriageReport:
         images = _images_to_score(datasets)
@@ -143,7 +157,7 @@ class TriageModel:
         ]
         inputs = np.stack([model_input(d, self.spec) for d in displays])
         embeds = self.encoder.encode(inputs)
-        probs = zero_shot_probabilities(embeds, self.prompts, self.logit_scale)
+        probs = self.scores(embeds)
         pooled = pool_scores(probs, "max")
         best = probs.argmax(axis=0)
         findings = []
@@ -212,6 +226,17 @@ class TriageModel:
                 )
             )
         return outcomes
+
+
+def _load_head(bundle: Bundle) -> LinearProbe | TipAdapter | None:
+    label = bundle.manifest.active_head
+    if label is None:
+        return None
+    ref = bundle.manifest.head(label)
+    if ref is None:  # the manifest validator makes this unreachable
+        raise ValueError(f"active head {label} is not in the bundle")
+    kind = TipAdapter if ref.kind == "tip_adapter" else LinearProbe
+    return kind.load(bundle.path_of(ref.file), ref.findings)
 
 
 def _images_to_score(datasets: Sequence[Dataset]) -> list[Dataset]:

@@ -249,3 +249,73 @@ def _floats(option: str, text: str | None, default: tuple[float, ...]) -> list[f
         return [float(part) for part in text.split(",")]
     except ValueError as exc:
         raise BundleError(f"{option} must be comma-separated numbers, got {text!r}") from exc
+
+
+BundleOption = Annotated[
+    Path | None,
+    typer.Option("--bundle", help="Bundle folder to change (default: the active bundle)."),
+]
+LabelsOption = Annotated[
+    Path, typer.Option("--labels", help="CSV: a 'path' column and 1/0 per finding column.")
+]
+
+
+def _writable_bundle(ctx: typer.Context, bundle: Path | None) -> Path:
+    """The folder of the bundle to rewrite: never the copy shipped inside the package."""
+    from plugin.models.registry import builtin_bundle_dirs
+
+    if bundle is None:
+        active = _registry(ctx).active()
+        if active is None:
+            typer.echo("error: no active bundle: pass --bundle DIR or activate one", err=True)
+            raise typer.Exit(2)
+        bundle = active.directory
+    if any(bundle.resolve() == d.resolve() for d in builtin_bundle_dirs()):
+        typer.echo(
+            "error: the built-in bundle is read-only: 'pacsclip model install' it (under a "
+            "new version) and calibrate that copy",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return bundle
+
+
+@model_app.command("calibrate")
+def model_calibrate(
+    ctx: typer.Context,
+    labels: LabelsOption,
+    bundle: BundleOption = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+) -> None:
+    """Fit each labelled finding's temperature, bias and threshold on local images."""
+    from plugin.models.tuning import calibrate
+
+    directory = _writable_bundle(ctx, bundle)
+    with _exit_on_error():
+        manifest = calibrate(directory, labels, threads=threads)
+    for finding in manifest.findings:
+        c = finding.calibration
+        if c.fitted_on:
+            typer.echo(
+                f"{finding.name}: temperature {c.temperature:.3f} bias {c.bias:.3f} "
+                f"threshold {c.threshold:.3f}"
+            )
+
+
+@model_app.command("fit-head")
+def model_fit_head(
+    ctx: typer.Context,
+    labels: LabelsOption,
+    kind: Annotated[str, typer.Option(help="linear_probe or tip_adapter.")] = "linear_probe",
+    bundle: BundleOption = None,
+    activate: Annotated[bool, typer.Option(help="Use the head for triage.")] = True,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+) -> None:
+    """Fit a few-shot head on cached embeddings of labelled images; store it versioned."""
+    from plugin.models.tuning import fit_head
+
+    directory = _writable_bundle(ctx, bundle)
+    with _exit_on_error():
+        head = fit_head(directory, labels, kind=kind, activate=activate, threads=threads)
+    state = "active" if activate else "stored, not active"
+    typer.echo(f"head {head.name}-v{head.version} for {', '.join(head.findings)} ({state})")

@@ -243,6 +243,8 @@ class Manifest(_Strict):
     findings: list[Finding] = Field(default_factory=list)
     priority: PriorityPolicy = Field(default_factory=PriorityPolicy)
     heads: list[HeadRef] = Field(default_factory=list)
+    # "name-vN" of the head that replaces zero-shot scores for its findings, if any.
+    active_head: str | None = None
     model_card: ModelCard
 
     @field_validator("format_version")
@@ -282,6 +284,11 @@ class Manifest(_Strict):
             )
         for head in self.heads:
             unknown += [n for n in head.findings if n not in names]
+        if self.active_head is not None and self.head(self.active_head) is None:
+            raise ValueError(
+                f"active_head {self.active_head!r} is not one of heads "
+                f"{[f'{h.name}-v{h.version}' for h in self.heads]}"
+            )
         if unknown:
             raise ValueError(
                 f"priority/heads name findings that are not in findings: {sorted(set(unknown))}"
@@ -303,6 +310,10 @@ class Manifest(_Strict):
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def head(self, label: str) -> HeadRef | None:
+        """The head called ``name-vN``."""
+        return next((h for h in self.heads if f"{h.name}-v{h.version}" == label), None)
 
 
 class PromptsFile(_Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,92 @@ def test_triage_cli_without_any_bundle_says_how_to_get_one(
 
     assert result.exit_code == 2
     assert "pacsclip model install" in result.output
+
+
+@pytest.fixture
+def labelled(study: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A writable copy of the bundle and a labels CSV of 12 noisy variants of the two images."""
+    import shutil
+
+    bundle_dir = shutil.copytree(study[0], tmp_path / "bundle")
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:96, 0:80] / 96.0
+    rows = ["path,pleural_effusion,pneumothorax"]
+    for i in range(12):
+        present = i % 2 == 0
+        base = 0.2 + 0.8 * (xx < 0.35) if present else 0.1 + 0.9 * yy
+        image = np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1)
+        radiograph(image, tmp_path / f"img{i}.dcm")
+        rows.append(f"img{i}.dcm,{int(present)},{'' if i < 2 else 0}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    return bundle_dir, tmp_path / "labels.csv"
+
+
+def test_calibrate_fits_labelled_findings_and_keeps_the_bundle_valid(
+    labelled: tuple[Path, Path],
+) -> None:
+    from plugin.models.tuning import calibrate
+
+    from plugin.errors import ConfigError
+
+    bundle_dir, labels = labelled
+    with pytest.raises(ConfigError, match="finding pneumothorax: .* at least one positive"):
+        calibrate(bundle_dir, labels, threads=1)  # that column has no positive
+    labels.write_text(re.sub(r",[^,]*$", "", labels.read_text(), flags=re.MULTILINE))
+
+    calibrate(bundle_dir, labels, threads=1)
+
+    manifest = load_bundle(bundle_dir).manifest  # checksums still verify
+    effusion = next(f for f in manifest.findings if f.name == "pleural_effusion")
+    untouched = next(f for f in manifest.findings if f.name == "pneumothorax")
+    assert effusion.calibration.fitted_on is not None
+    assert "labels.csv (12 images" in effusion.calibration.fitted_on
+    assert untouched.calibration.fitted_on is None
+
+
+def test_fit_head_stores_a_versioned_head_that_triage_then_uses(
+    labelled: tuple[Path, Path],
+) -> None:
+    from pydicom import dcmread
+
+    from plugin.models.tuning import fit_head
+
+    bundle_dir, labels = labelled
+    # A head needs every label, positives and negatives: keep the effusion column only.
+    labels.write_text(re.sub(r",[^,]*$", "", labels.read_text(), flags=re.MULTILINE))
+
+    first = fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
+    second = fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
+
+    assert (first.version, second.version) == (1, 2)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.manifest.active_head == "linear_probe-v2"
+    assert (bundle_dir / "heads" / "linear_probe-v2.npz").is_file()
+    model = TriageModel(bundle, threads=1)
+    assert model.head is not None
+    positive, negative = (dcmread(labels.parent / f"img{i}.dcm") for i in (0, 1))
+    high = model.triage([positive], saliency=False).findings[0]
+    low = model.triage([negative], saliency=False).findings[0]
+    assert high.name == "pleural_effusion"
+    assert high.raw_probability > low.raw_probability
+    embeds = model.encoder.encode(np.stack([dataset_input(positive, model.spec)]))
+    assert high.raw_probability == pytest.approx(float(model.head.predict_proba(embeds)[0, 0]))
+
+
+def test_labels_csv_errors_say_what_to_fix(labelled: tuple[Path, Path]) -> None:
+    from plugin.errors import ConfigError
+    from plugin.models.tuning import fit_head, read_labels
+
+    bundle_dir, labels = labelled
+    bad = labels.with_name("bad.csv")
+    bad.write_text("path,effusion\nimg0.dcm,1\n")
+    with pytest.raises(ConfigError, match="not findings of the bundle"):
+        read_labels(bad, ["pleural_effusion"])
+    bad.write_text("path,pleural_effusion\nimg0.dcm,yes\n")
+    with pytest.raises(ConfigError, match="line 2, column pleural_effusion"):
+        read_labels(bad, ["pleural_effusion"])
+    with pytest.raises(ConfigError, match="every finding column labelled"):
+        fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
+    labels.write_text(re.sub(r",$", ",0", labels.read_text(), flags=re.MULTILINE))
+    with pytest.raises(ConfigError, match="finding 'pneumothorax' needs at least one positive"):
+        fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
