@@ -184,12 +184,11 @@ def labelled(study: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path
 def test_calibrate_fits_labelled_findings_and_keeps_the_bundle_valid(
     labelled: tuple[Path, Path],
 ) -> None:
+    from plugin.errors import ConfigError
     from plugin.models.tuning import calibrate
 
-    from plugin.errors import ConfigError
-
     bundle_dir, labels = labelled
-    with pytest.raises(ConfigError, match="finding pneumothorax: .* at least one positive"):
+    with pytest.raises(ConfigError, match=r"finding pneumothorax: .* at least one positive"):
         calibrate(bundle_dir, labels, threads=1)  # that column has no positive
     labels.write_text(re.sub(r",[^,]*$", "", labels.read_text(), flags=re.MULTILINE))
 
