@@ -319,3 +319,26 @@ def model_fit_head(
         head = fit_head(directory, labels, kind=kind, activate=activate, threads=threads)
     state = "active" if activate else "stored, not active"
     typer.echo(f"head {head.name}-v{head.version} for {', '.join(head.findings)} ({state})")
+
+
+@model_app.command("quantize")
+def model_quantize(
+    ctx: typer.Context,
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder to quantise.")],
+    dest: Annotated[Path, typer.Argument(help="Empty folder for the int8 copy.")],
+    install: Annotated[bool, typer.Option(help="Install the int8 copy in the registry.")] = False,
+) -> None:
+    """Make an int8 (dynamic quantisation) copy of a bundle and report the parity it loses."""
+    from plugin.models.quantize import quantize_bundle
+
+    with _exit_on_error():
+        try:
+            quantized, parity = quantize_bundle(bundle, dest)
+        except FileExistsError as exc:
+            raise BundleError(str(exc)) from exc
+        if install:
+            _registry(ctx).install(dest)
+    typer.echo(
+        f"{quantized.ref}: embedding cosine to fp32 mean {parity.mean_cosine:.5f}, "
+        f"min {parity.min_cosine:.5f} over {parity.samples} random inputs"
+    )
