@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import (  # type: ignore[import-untyped]
+    QuantType,
+    quantize_dynamic,
+)
 
 from plugin.models.bundle import Bundle, load_bundle, pin_file, write_manifest
 from plugin.models.runtime import ImageEncoder
