@@ -126,11 +126,16 @@ class CompletionMonitor:
         *,
         interval_s: float,
         clock: Callable[[], float],
+        periodic: Callable[[], None] | None = None,
+        periodic_interval_s: float = 30.0,
     ) -> None:
         self.tracker = tracker
         self.on_complete = on_complete
         self.interval_s = interval_s
         self.clock = clock
+        self.periodic = periodic
+        self.periodic_interval_s = periodic_interval_s
+        self._next_periodic = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="completion-monitor", daemon=True)
 
@@ -155,3 +160,11 @@ class CompletionMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.check()
+            if self.periodic is not None and self.clock() >= self._next_periodic:
+                self._next_periodic = self.clock() + self.periodic_interval_s
+                try:
+                    self.periodic()
+                except Exception:
+                    logger.exception(
+                        "periodic check failed; next try in %.0f s", self.periodic_interval_s
+                    )

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from types import FrameType
 
@@ -30,6 +30,7 @@ from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.records import Peer
 from plugin.catalog.writer import CatalogWriter
 from plugin.settings import Settings
+from plugin.study_state import StudyState
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class DicomNode:
             self.complete_study,
             interval_s=settings.completion_check_interval_s,
             clock=self.clock,
+            periodic=self.requeue_stale,
+            periodic_interval_s=min(30.0, settings.requeue_after_s / 2),
         )
         self._queries = ThreadPoolExecutor(max_workers=2, thread_name_prefix="count-query")
         self.receiver = Receiver(
@@ -195,6 +198,39 @@ class DicomNode:
             repository.set_expected_instances(session, study_uid, count)
             session.commit()
 
+    def requeue_stale(self) -> None:
+        """Publish again the studies whose analysis task was lost (see stale_queued)."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.requeue_after_s)
+        with self.sessions() as session:
+            stale = repository.stale_queued(session, cutoff)
+            for study in stale:
+                # Back to complete so the publisher's move to queued is a valid transition.
+                repository.force_state(session, study.study_instance_uid, StudyState.COMPLETE)
+            session.commit()
+        for study in stale:
+            with self.sessions() as session:
+                facts = repository.study_facts(session, study.study_instance_uid)
+            if facts is None:
+                continue
+            logger.warning(
+                "study %s generation %d: no analysis after %.0f s, sending it again",
+                study.study_instance_uid,
+                study.generation,
+                self.settings.requeue_after_s,
+            )
+            self.publisher.publish(
+                StudyCompleted(
+                    study_instance_uid=study.study_instance_uid,
+                    site_key=facts.site_key,
+                    reason="requeued",
+                    reanalysis=facts.needs_reanalysis,
+                    generation=study.generation,
+                    priority=study.priority,
+                    pipelines=tuple(facts.pipelines) or ("triage",),
+                    destinations=tuple(facts.destinations),
+                )
+            )
+
     def complete_study(self, study_uid: str, reason: CompletionReason) -> None:
         with self.sessions() as session:
             facts = repository.study_facts(session, study_uid)
@@ -209,7 +245,7 @@ class DicomNode:
                     series_descriptions=facts.series_descriptions,
                 )
             )
-            marked = repository.mark_complete(
+            generation = repository.mark_complete(
                 session,
                 study_uid,
                 reason=reason.value,
@@ -217,7 +253,7 @@ class DicomNode:
                 priority=decision.priority,
             )
             session.commit()
-        if not marked:
+        if generation is None:
             return
         logger.info("study %s complete (%s)", study_uid, reason.value)
         self.publisher.publish(
@@ -226,6 +262,7 @@ class DicomNode:
                 site_key=facts.site_key,
                 reason=reason.value,
                 reanalysis=facts.needs_reanalysis,
+                generation=generation,
                 priority=decision.priority,
                 pipelines=decision.pipelines,
                 destinations=decision.destinations,
@@ -235,7 +272,12 @@ class DicomNode:
 
 def main(settings: Settings) -> None:
     """Run the node until SIGINT or SIGTERM."""
-    node = DicomNode(settings, open_catalog(settings.effective_database_url))
+    from dicom_node.celery_publisher import CeleryPublisher
+    from worker.app import make_celery
+
+    catalog = open_catalog(settings.effective_database_url)
+    publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
+    node = DicomNode(settings, catalog, publisher=publisher)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:

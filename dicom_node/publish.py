@@ -15,6 +15,7 @@ class StudyCompleted:
     site_key: str
     reason: str
     reanalysis: bool
+    generation: int
     priority: str
     pipelines: tuple[str, ...]
     destinations: tuple[str, ...]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import uuid
@@ -17,37 +16,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from plugin.durable import fsync_dir, write_durably
 from plugin.errors import OutOfResources
 
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync directory."""
-    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -90,7 +64,7 @@ class Spool:
             missing = [p for p in (directory.parent, directory) if not p.exists()]
             directory.mkdir(parents=True, exist_ok=True)
             for created in missing:
-                _fsync_dir(created.parent)
+                fsync_dir(created.parent)
             self._known_dirs.add(directory)
 
     def write(self, rel: str, data: bytes) -> SpooledFile:

@@ -125,6 +125,12 @@ class TriageModel:
         self.logit_scale = manifest.logit_scale
         self.head = _load_head(bundle)
 
+    def display(self, ds: Dataset) -> NDArray[np.float32]:
+        """The image as the model's preprocessing shows it (grey in [0, 1])."""
+        return display_array(
+            ds, window=self.spec.window, invert_monochrome1=self.spec.invert_monochrome1
+        )
+
     @property
     def finding_names(self) -> list[str]:
         return [p.name for p in self.prompts]
@@ -149,12 +155,7 @@ class TriageModel:
         images = _images_to_score(datasets)
         if not images:
             raise ValueError("no image in the study can be scored")
-        displays = [
-            display_array(
-                ds, window=self.spec.window, invert_monochrome1=self.spec.invert_monochrome1
-            )
-            for ds in images
-        ]
+        displays = [self.display(ds) for ds in images]
         inputs = np.stack([model_input(d, self.spec) for d in displays])
         embeds = self.encoder.encode(inputs)
         probs = self.scores(embeds)

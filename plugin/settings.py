@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,6 +38,17 @@ class DicomPeer(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DestinationConfig(BaseModel):
+    """A DICOM node that receives pacsclip's results (SR and overlays) by C-STORE."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
@@ -72,6 +83,29 @@ class Settings(BaseSettings):
 
     rules_file: Path | None = None
     log_level: str = "INFO"
+
+    # Workers
+    result_backend_url: str | None = None
+    worker_pool: Literal["solo", "prefork"] = "solo"
+    worker_concurrency: int = Field(1, ge=1)
+    model_bundle: Path | None = None  # default: the active bundle, else the built-in demo
+    inference_threads: int | None = Field(None, ge=1)
+    task_visibility_timeout_s: int = Field(300, ge=10)
+    requeue_after_s: float = Field(600.0, gt=0)
+
+    # Dispatch of results
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    dispatch_max_retries: int = Field(5, ge=0)
+    dispatch_backoff_s: float = Field(2.0, gt=0)
+
+    # HTTP API and notifications
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8080, ge=0, le=65535)
+    api_token: SecretStr | None = None
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    hl7_host: str | None = None
+    hl7_port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("allowed_callers", mode="before")
     @classmethod
@@ -118,6 +152,16 @@ class Settings(BaseSettings):
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
 
     @property
+    def effective_result_backend_url(self) -> str:
+        return self.result_backend_url or (
+            f"db+sqlite:///{(self.data_dir / 'task-results.sqlite3').resolve()}"
+        )
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
 
@@ -126,6 +170,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["database_url"] = mask_url(self.effective_database_url)
         data["broker_url"] = mask_url(self.effective_broker_url)
+        data["result_backend_url"] = mask_url(self.effective_result_backend_url)
         return data
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # DICOM UIDs are at most 64 characters; AE titles 16.
@@ -52,6 +61,9 @@ class Study(Base):
     needs_reanalysis: Mapped[bool] = mapped_column(default=False)
     completion_reason: Mapped[str | None] = mapped_column(String(32))
     routing: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    # Counts completions: each one is analysed as its own generation (re-analysis after
+    # late images gets new result UIDs; a redelivered task reuses its generation's).
+    generation: Mapped[int] = mapped_column(default=0)
 
     site: Mapped[Site] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
@@ -123,3 +135,66 @@ class QuarantineEntry(Base):
     sop_class_uid: Mapped[str | None] = mapped_column(String(200))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(200))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class Analysis(Base):
+    """One model's results for one generation of a study."""
+
+    __tablename__ = "analysis"
+    __table_args__ = (
+        UniqueConstraint("study_id", "generation", "algorithm_name", "algorithm_version"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    generation: Mapped[int]
+    algorithm_name: Mapped[str] = mapped_column(String(64))
+    algorithm_version: Mapped[str] = mapped_column(String(64))
+    synthetic: Mapped[bool]
+    priority: Mapped[str] = mapped_column(String(16))
+    triggered_by: Mapped[list[str]] = mapped_column(JSON)
+    findings: Mapped[list[dict[str, object]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_s: Mapped[float | None]
+
+    study: Mapped[Study] = relationship()
+    objects: Mapped[list[ResultObject]] = relationship(
+        back_populates="analysis", order_by="ResultObject.id"
+    )
+    jobs: Mapped[list[DispatchJob]] = relationship(
+        back_populates="analysis", order_by="DispatchJob.id"
+    )
+
+
+class ResultObject(Base):
+    """A DICOM object pacsclip made (SR or secondary capture), kept in the results folder."""
+
+    __tablename__ = "result_object"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analysis.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # SR | SC
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(300))  # relative to the results directory
+
+    analysis: Mapped[Analysis] = relationship(back_populates="objects")
+
+
+class DispatchJob(Base):
+    """Delivery of one analysis's objects to one destination; failed = dead-lettered."""
+
+    __tablename__ = "dispatch_job"
+    __table_args__ = (UniqueConstraint("analysis_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    analysis_id: Mapped[int] = mapped_column(ForeignKey("analysis.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+    analysis: Mapped[Analysis] = relationship(back_populates="jobs")

@@ -10,9 +10,18 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from plugin.catalog.models import AuditEvent, Instance, QuarantineEntry, Series, Study, utcnow
+from plugin.catalog.models import (
+    Analysis,
+    AuditEvent,
+    DispatchJob,
+    Instance,
+    QuarantineEntry,
+    Series,
+    Study,
+    utcnow,
+)
 from plugin.catalog.records import Peer
-from plugin.study_state import StudyState
+from plugin.study_state import StudyState, transition
 
 
 def audit(
@@ -94,6 +103,8 @@ class StudyFacts:
     series_descriptions: frozenset[str]
     institution_name: str | None
     needs_reanalysis: bool
+    pipelines: list[str]
+    destinations: list[str]
 
 
 def study_facts(session: Session, study_uid: str) -> StudyFacts | None:
@@ -114,13 +125,16 @@ def study_facts(session: Session, study_uid: str) -> StudyFacts | None:
         series_descriptions=values(lambda s: s.series_description),
         institution_name=study.institution_name,
         needs_reanalysis=study.needs_reanalysis,
+        pipelines=list((study.routing or {}).get("pipelines", [])),  # type: ignore[call-overload]
+        destinations=list((study.routing or {}).get("destinations", [])),  # type: ignore[call-overload]
     )
 
 
 def mark_complete(
     session: Session, study_uid: str, *, reason: str, routing: dict[str, Any], priority: str
-) -> bool:
-    """Move a receiving study to complete; False when it is not receiving any more."""
+) -> int | None:
+    """Move a receiving study to complete and return its new generation; None when it is
+    not receiving any more (someone else completed it)."""
     result = session.execute(
         update(Study)
         .where(Study.study_instance_uid == study_uid, Study.state == StudyState.RECEIVING)
@@ -130,9 +144,24 @@ def mark_complete(
             completion_reason=reason,
             routing=routing,
             priority=priority,
+            generation=Study.generation + 1,
         )
+        .returning(Study.generation)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return result.scalar_one_or_none()
+
+
+def force_state(session: Session, study_uid: str, state: StudyState) -> None:
+    """Set a study's state without the transition check (recovery paths only)."""
+    session.execute(update(Study).where(Study.study_instance_uid == study_uid).values(state=state))
+
+
+def set_state(session: Session, study_uid: str, state: StudyState) -> None:
+    """Move a study along the state machine; refuses transitions it does not allow."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None:
+        raise LookupError(f"no study {study_uid} in the catalog")
+    study.state = transition(StudyState(study.state), state)
 
 
 def set_expected_instances(session: Session, study_uid: str, count: int) -> None:
@@ -247,3 +276,96 @@ def audit_events(session: Session, *, event: str | None = None) -> Sequence[Audi
 
 def cataloged_paths(session: Session) -> set[str]:
     return set(session.scalars(select(Instance.path)).all())
+
+
+def list_jobs(
+    session: Session, *, state: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    query = select(DispatchJob).order_by(DispatchJob.id.desc()).limit(limit)
+    if state:
+        query = query.where(DispatchJob.state == state)
+    return [
+        {
+            "id": job.id,
+            "state": job.state,
+            "destination": job.destination,
+            "attempts": job.attempts,
+            "last_error": job.last_error,
+            "study_instance_uid": job.analysis.study.study_instance_uid,
+            "algorithm": f"{job.analysis.algorithm_name} {job.analysis.algorithm_version}",
+            "updated_at": job.updated_at.isoformat(),
+        }
+        for job in session.scalars(query)
+    ]
+
+
+def reset_job(session: Session, job_id: int) -> DispatchJob:
+    """Put a dead-lettered (failed) job back to pending for a replay."""
+    job = session.get(DispatchJob, job_id)
+    if job is None:
+        raise LookupError(f"no dispatch job {job_id}")
+    if job.state != "failed":
+        raise ValueError(f"job {job_id} is {job.state}; only failed jobs are replayed")
+    job.state = "pending"
+    job.updated_at = utcnow()
+    return job
+
+
+@dataclass(frozen=True)
+class StaleStudy:
+    study_instance_uid: str
+    generation: int
+    priority: str
+
+
+def stale_queued(session: Session, older_than: datetime) -> list[StaleStudy]:
+    """Studies completed long ago whose current generation has no analysis yet: their task
+    was lost (a broker without redelivery, a failed send) and must be sent again."""
+    analysed = select(Analysis.id).where(
+        Analysis.study_id == Study.id, Analysis.generation == Study.generation
+    )
+    rows = session.execute(
+        select(Study.study_instance_uid, Study.generation, Study.priority).where(
+            Study.state.in_([StudyState.COMPLETE, StudyState.QUEUED]),
+            Study.completed_at < older_than,
+            ~analysed.exists(),
+        )
+    ).all()
+    return [StaleStudy(uid, gen, prio or "routine") for uid, gen, prio in rows]
+
+
+def results_for(session: Session, study_uid: str) -> list[dict[str, Any]]:
+    """The analyses of a study, newest first, with their objects and delivery states."""
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None:
+        return []
+    analyses = session.scalars(
+        select(Analysis).where(Analysis.study_id == study.id).order_by(Analysis.id.desc())
+    )
+    return [
+        {
+            "generation": a.generation,
+            "algorithm": {
+                "name": a.algorithm_name,
+                "version": a.algorithm_version,
+                "synthetic": a.synthetic,
+            },
+            "priority": a.priority,
+            "triggered_by": a.triggered_by,
+            "findings": a.findings,
+            "created_at": a.created_at.isoformat(),
+            "objects": [
+                {
+                    "kind": o.kind,
+                    "sop_instance_uid": o.sop_instance_uid,
+                    "series_instance_uid": o.series_instance_uid,
+                }
+                for o in a.objects
+            ],
+            "dispatch": [
+                {"destination": j.destination, "state": j.state, "attempts": j.attempts}
+                for j in a.jobs
+            ],
+        }
+        for a in analyses
+    ]

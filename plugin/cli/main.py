@@ -21,11 +21,13 @@ studies_app = typer.Typer(no_args_is_help=True, help="Studies in the catalog.")
 quarantine_app = typer.Typer(no_args_is_help=True, help="Objects that were refused.")
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules.")
 db_app = typer.Typer(no_args_is_help=True, help="Catalog database.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Result dispatch jobs.")
 app.add_typer(config_app, name="config")
 app.add_typer(studies_app, name="studies")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(model_app, name="model")
 app.command()(triage)
 
@@ -109,8 +111,67 @@ def node(
 def serve(
     ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
 ) -> None:
-    """Run pacsclip on one machine with the embedded defaults (SQLite catalog)."""
-    _run_node(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
+    """Run everything on one machine: DICOM node, a worker process and the HTTP API."""
+    from plugin.serve import run_worker_process
+
+    settings = _settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title)
+    root: dict[str, Any] = ctx.obj or {}
+    with run_worker_process(root.get("config"), root.get("overrides", {})):
+        _run_node(settings)
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[
+        str, typer.Option(help="Comma-separated queues to consume.")
+    ] = "stat,routine,dispatch",
+) -> None:
+    """Run a worker process alone (scale-out: as many as the hardware allows)."""
+    from worker.main import main
+
+    main(_settings(ctx), queues=[q.strip() for q in queues.split(",") if q.strip()])
+
+
+@jobs_app.command("list")
+def jobs_list(
+    ctx: typer.Context,
+    as_json: JsonFlag = False,
+    state: Annotated[str | None, typer.Option(help="pending, delivered or failed.")] = None,
+) -> None:
+    """Dispatch jobs, newest first; failed ones are dead-lettered and can be replayed."""
+    from plugin.catalog.repository import list_jobs
+
+    with _open_sessions(_settings(ctx))() as session:
+        rows = list_jobs(session, state=state)
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no jobs")
+    for r in rows:
+        typer.echo(
+            f"{r['id']:>5}  {r['state']:<9}  {r['destination']:<16} attempts={r['attempts']}  "
+            f"study={r['study_instance_uid']}  {r['last_error'] or ''}"
+        )
+
+
+@jobs_app.command("retry")
+def jobs_retry(ctx: typer.Context, job_id: int) -> None:
+    """Replay a dead-lettered job: back to pending and onto the dispatch queue."""
+    from plugin.catalog.repository import reset_job
+    from plugin.task_names import DISPATCH_RESULT
+    from worker.app import make_celery
+
+    settings = _settings(ctx)
+    with _open_sessions(settings)() as session:
+        try:
+            reset_job(session, job_id)
+        except (LookupError, ValueError) as exc:
+            raise _fail(str(exc), 1) from exc
+        session.commit()
+    make_celery(settings).send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
+    typer.echo(f"job {job_id} queued for dispatch again")
 
 
 @app.command()

@@ -126,8 +126,8 @@ def test_node_catalogs_into_postgres(
     assert pydicom.dcmread(BytesIO(spooled)).PixelData == pydicom.dcmread(replacement).PixelData
 
     head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
-    assert head == "0001"
-    assert versions == [head]
+    assert head is not None
+    assert versions == [head]  # the node migrated the database to the newest revision
 
     pacsclip = Path(sys.executable).with_name("pacsclip")
     listed = subprocess.run(

@@ -1,0 +1,46 @@
+"""Completion published to the worker queue: the analysis task, sent by name."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.publish import StudyCompleted
+from plugin.catalog import repository
+from plugin.study_state import StudyState
+from plugin.task_names import ANALYSE_STUDY
+
+logger = logging.getLogger(__name__)
+
+
+class CeleryPublisher:
+    """Sends ``pacsclip.analyse_study`` to the queue named by the study's priority."""
+
+    def __init__(self, app: Celery, sessions: sessionmaker[Session]) -> None:
+        self.app = app
+        self.sessions = sessions
+
+    def publish(self, event: StudyCompleted) -> None:
+        if not event.pipelines:
+            logger.info("study %s: routing runs no pipeline", event.study_instance_uid)
+            return
+        queue = "stat" if event.priority == "stat" else "routine"
+        # Queued before the send: a fast worker may finish before this returns. If the send
+        # fails, the node's requeue check sends the study again later.
+        with self.sessions() as session:
+            repository.set_state(session, event.study_instance_uid, StudyState.QUEUED)
+            session.commit()
+        self.app.send_task(
+            ANALYSE_STUDY,
+            args=[event.study_instance_uid, event.generation],
+            queue=queue,
+            priority=9 if queue == "stat" else 0,
+        )
+        logger.info(
+            "study %s generation %d queued on %s",
+            event.study_instance_uid,
+            event.generation,
+            queue,
+        )

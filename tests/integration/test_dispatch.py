@@ -1,0 +1,320 @@
+"""Results dispatch (C-STORE SCU) against DCMTK storescp, Orthanc and a scripted pynetdicom SCP."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dicom_node.ae import quiet_identifiers
+from dicom_node.dispatch import Destination, DispatchError, SendReport, send_files
+from dicom_node.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
+from dicom_node.stow import StowDestination, stow_files
+from tests.peers.data import ct_small_copies
+from tests.peers.dcmtk import storescp
+from tests.peers.orthanc import OrthancServer
+from tests.peers.ports import free_port
+from tests.peers.tls import make_tls_materials
+
+CALLING_AET = "PACSCLIP"
+STORESCP_AET = "STORESCP"
+COERCED = 0xB000  # warning: stored with coerced elements
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+needs_dicomweb = pytest.mark.skipif(
+    not DICOMWEB_PLUGIN.is_file(), reason="Orthanc's DICOMweb plugin (orthanc-dicomweb) absent"
+)
+# Short enough that a test of an unreachable peer stays fast, long enough for loopback peers.
+TIMEOUT_S = 5
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _received(directory: Path) -> dict[str, pydicom.Dataset]:
+    """Files storescp wrote, by SOPInstanceUID."""
+    datasets = (pydicom.dcmread(path) for path in directory.iterdir())
+    return {str(ds.SOPInstanceUID): ds for ds in datasets}
+
+
+def _storescp_destination(port: int, **tls: Any) -> Destination:
+    return Destination("archive", STORESCP_AET, "127.0.0.1", port, **tls)
+
+
+def test_storescp_receives_every_file_with_identical_pixel_data(tmp_path: Path) -> None:
+    files = ct_small_copies(3, tmp_path / "results")
+    port, received = free_port(), tmp_path / "received"
+    with storescp(port, received):
+        report = send_files(
+            _storescp_destination(port), files, calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S
+        )
+
+    assert report == SendReport("archive", [(_uid(f), SUCCESS) for f in files])
+    assert report.ok
+    arrived = _received(received)
+    for path in files:
+        assert arrived[_uid(path)].PixelData == pydicom.dcmread(path).PixelData
+
+
+def test_peer_accepting_only_implicit_vr_gets_the_explicit_vr_file_converted(
+    tmp_path: Path,
+) -> None:
+    [ct] = ct_small_copies(1, tmp_path / "results")
+    port, received = free_port(), tmp_path / "received"
+    with storescp(port, received, extra_args=["+xi"]):
+        report = send_files(
+            _storescp_destination(port), [ct], calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S
+        )
+
+    assert report.ok
+    [arrived] = _received(received).values()
+    assert arrived.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    assert arrived.PixelData == pydicom.dcmread(ct).PixelData
+
+
+def test_compressed_file_goes_in_its_own_syntax_or_is_reported_unsendable(
+    tmp_path: Path,
+) -> None:
+    rle_source = get_testdata_file("MR_small_RLE.dcm")
+    assert rle_source is not None
+    rle = Path(shutil.copy(rle_source, tmp_path / "mr_rle.dcm"))
+    [ct] = ct_small_copies(1, tmp_path / "results")
+
+    # storescp's default accepts uncompressed syntaxes only: the CT goes, the RLE file cannot.
+    port = free_port()
+    with storescp(port, tmp_path / "uncompressed_only"), pytest.raises(DispatchError) as caught:
+        send_files(_storescp_destination(port), [ct, rle], calling_ae_title=CALLING_AET)
+    assert not caught.value.retryable
+    assert "no accepted presentation context" in str(caught.value)
+    assert _uid(rle) in str(caught.value)
+    assert caught.value.report == SendReport("archive", [(_uid(ct), SUCCESS)])
+
+    port, received = free_port(), tmp_path / "all_syntaxes"
+    with storescp(port, received, extra_args=["+xa"]):
+        report = send_files(_storescp_destination(port), [ct, rle], calling_ae_title=CALLING_AET)
+    assert report.ok
+    arrived = _received(received)[_uid(rle)]
+    assert arrived.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert arrived.PixelData == pydicom.dcmread(rle).PixelData
+
+
+def test_nothing_listening_is_retryable(tmp_path: Path) -> None:
+    files = ct_small_copies(1, tmp_path / "results")
+    destination = Destination("gone", "PACS", "127.0.0.1", free_port())
+
+    with pytest.raises(DispatchError) as caught:
+        send_files(destination, files, calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)
+
+    assert caught.value.retryable
+    assert caught.value.destination == "gone"
+    assert f"gone (PACS@127.0.0.1:{destination.port})" in str(caught.value)
+    assert "could not connect" in str(caught.value)
+    assert caught.value.report is None
+
+
+def test_abort_during_store_is_retryable(tmp_path: Path) -> None:
+    files = ct_small_copies(2, tmp_path / "results")
+    port = free_port()
+    aborting = storescp(port, tmp_path / "received", extra_args=["--abort-after"])
+    with aborting, pytest.raises(DispatchError) as caught:
+        send_files(_storescp_destination(port), files, calling_ae_title=CALLING_AET)
+
+    assert caught.value.retryable
+    assert "aborted" in str(caught.value)
+    assert caught.value.report == SendReport("archive", [])
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    server, client = make_tls_materials(tmp_path / "tls")
+    files = ct_small_copies(1, tmp_path / "results")
+    port, received = free_port(), tmp_path / "received"
+    tls = {"tls": True, "tls_ca": client.ca_cert, "tls_cert": client.cert, "tls_key": client.key}
+    with storescp(port, received, tls=server):
+        report = send_files(_storescp_destination(port, **tls), files, calling_ae_title=CALLING_AET)
+        # Without a client certificate the TLS handshake fails: the association never opens.
+        with pytest.raises(DispatchError) as caught:
+            send_files(
+                _storescp_destination(port, tls=True, tls_ca=client.ca_cert),
+                files,
+                calling_ae_title=CALLING_AET,
+                timeout_s=TIMEOUT_S,
+            )
+
+    assert report.ok
+    assert set(_received(received)) == {_uid(files[0])}
+    assert caught.value.retryable
+
+
+class CheckingOrthanc(OrthancServer):
+    """Orthanc refusing associations addressed to another AE title, with DICOMweb when the
+    Debian package orthanc-dicomweb is installed."""
+
+    def _config(self, workdir: Path) -> dict[str, Any]:
+        config = {**super()._config(workdir), "DicomCheckCalledAet": True}
+        if DICOMWEB_PLUGIN.is_file():
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        return config
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    with CheckingOrthanc(workdir=tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+def _orthanc_instances(orthanc: OrthancServer, study_uid: str, count: int) -> dict[str, str]:
+    """Orthanc's instance ids by SOPInstanceUID, once it holds count instances of the study."""
+    orthanc_id = orthanc.wait_for_instances(study_uid, count, timeout_s=5)
+    instances = orthanc.study_instances(orthanc_id)
+    return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in instances}
+
+
+def test_orthanc_stores_every_instance(tmp_path: Path, orthanc: OrthancServer) -> None:
+    files = ct_small_copies(3, tmp_path / "results")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    destination = Destination("pacs", orthanc.aet, "127.0.0.1", orthanc.dicom_port)
+
+    report = send_files(destination, files, calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)
+
+    assert report.ok
+    assert set(_orthanc_instances(orthanc, study_uid, 3)) == {_uid(f) for f in files}
+
+
+def test_wrong_called_ae_title_is_retryable(tmp_path: Path, orthanc: OrthancServer) -> None:
+    files = ct_small_copies(1, tmp_path / "results")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    destination = Destination("pacs", "NOT-ORTHANC", "127.0.0.1", orthanc.dicom_port)
+
+    with pytest.raises(DispatchError) as caught:
+        send_files(destination, files, calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)
+
+    assert caught.value.retryable
+    assert "association rejected" in str(caught.value)
+    assert "Called AE title not recognised" in str(caught.value)
+    assert orthanc.find_study(study_uid) is None
+
+
+def _answer_with(event: evt.Event, statuses: Mapping[str, int]) -> int:
+    """EVT_C_STORE handler: the scripted status for this instance, success otherwise."""
+    request = event.request
+    if not isinstance(request, C_STORE):
+        raise TypeError(f"expected a C-STORE request, got {type(request).__name__}")
+    return statuses.get(str(request.AffectedSOPInstanceUID), SUCCESS)
+
+
+@pytest.fixture
+def scripted_scp() -> Iterator[tuple[int, dict[str, int]]]:
+    """A pynetdicom SCP answering C-STOREs with the statuses put into the yielded dict."""
+    quiet_identifiers()
+    statuses: dict[str, int] = {}
+    ae = AE(ae_title="SCRIPTED")
+    ae.add_supported_context(CTImageStorage)
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, _answer_with, [statuses])],
+    )
+    if server is None:  # only a blocking server returns None
+        raise RuntimeError("pynetdicom did not start a non-blocking server")
+    try:
+        yield server.server_address[1], statuses
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("scripted", "retryable"),
+    [
+        ((OUT_OF_RESOURCES, CANNOT_UNDERSTAND), False),
+        ((OUT_OF_RESOURCES, SUCCESS), True),
+        ((CANNOT_UNDERSTAND, SUCCESS), False),
+    ],
+)
+def test_failure_statuses_are_reported_per_instance(
+    tmp_path: Path,
+    scripted_scp: tuple[int, dict[str, int]],
+    scripted: tuple[int, int],
+    retryable: bool,
+) -> None:
+    port, statuses = scripted_scp
+    files = ct_small_copies(3, tmp_path / "results")
+    uids = [_uid(f) for f in files]
+    statuses.update(zip(uids, scripted, strict=False))
+    expected = [(uid, statuses.get(uid, SUCCESS)) for uid in uids]
+
+    with pytest.raises(DispatchError) as caught:
+        send_files(Destination("scripted", "SCRIPTED", "127.0.0.1", port), files,
+                   calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)  # fmt: skip
+
+    assert caught.value.retryable is retryable
+    assert caught.value.report == SendReport("scripted", expected)
+    for uid, status in expected:
+        named = f"{uid} 0x{status:04X}" in str(caught.value)
+        assert named is (status != SUCCESS)
+
+
+def test_warning_status_counts_as_stored(
+    tmp_path: Path, scripted_scp: tuple[int, dict[str, int]]
+) -> None:
+    port, statuses = scripted_scp
+    files = ct_small_copies(2, tmp_path / "results")
+    statuses[_uid(files[0])] = COERCED
+
+    report = send_files(Destination("scripted", "SCRIPTED", "127.0.0.1", port), files,
+                        calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)  # fmt: skip
+
+    assert report.ok
+    assert report.sent == [(_uid(files[0]), COERCED), (_uid(files[1]), SUCCESS)]
+
+
+def test_no_files_opens_no_association() -> None:
+    destination = Destination("gone", "PACS", "127.0.0.1", free_port())
+
+    assert send_files(destination, [], calling_ae_title=CALLING_AET) == SendReport("gone", [])
+
+
+@needs_dicomweb
+def test_stow_rs_stores_every_instance(tmp_path: Path, orthanc: OrthancServer) -> None:
+    files = ct_small_copies(3, tmp_path / "results")
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    destination = StowDestination("web", f"{orthanc.url}/dicom-web")
+
+    report = stow_files(destination, files, timeout_s=TIMEOUT_S)
+
+    assert report == SendReport("web", [(_uid(f), SUCCESS) for f in files])
+    stored = _orthanc_instances(orthanc, study_uid, 3)
+    assert set(stored) == {_uid(f) for f in files}
+    # STOW-RS carries the Part 10 files as they are.
+    assert orthanc.instance_file(stored[_uid(files[0])]) == files[0].read_bytes()
+
+
+@needs_dicomweb
+def test_stow_rs_wrong_root_is_not_retryable(tmp_path: Path, orthanc: OrthancServer) -> None:
+    files = ct_small_copies(1, tmp_path / "results")
+    destination = StowDestination("web", f"{orthanc.url}/no-dicom-web-here")
+
+    with pytest.raises(DispatchError) as caught:
+        stow_files(destination, files, timeout_s=TIMEOUT_S)
+
+    assert not caught.value.retryable
+    assert "HTTP 404" in str(caught.value)
+
+
+def test_stow_rs_nothing_listening_is_retryable(tmp_path: Path) -> None:
+    files = ct_small_copies(1, tmp_path / "results")
+    destination = StowDestination("web", f"http://127.0.0.1:{free_port()}/dicom-web")
+
+    with pytest.raises(DispatchError) as caught:
+        stow_files(destination, files, timeout_s=TIMEOUT_S)
+
+    assert caught.value.retryable
+    assert "could not connect" in str(caught.value)

@@ -1,0 +1,176 @@
+"""From a complete study to results at a destination, through a real Celery worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pydicom import dcmread
+from sqlalchemy import select
+
+from dicom_node.celery_publisher import CeleryPublisher
+from dicom_node.node import DicomNode
+from plugin.catalog import repository
+from plugin.catalog.db import open_catalog
+from plugin.catalog.models import Study
+from plugin.results import AlgorithmIdentity, ResultUids
+from plugin.settings import Settings
+from tests.models_fixtures import TinyImageTower, build_bundle, export_image_tower
+from tests.peers.data import ct_small_copies
+from tests.peers.dcmtk import storescp, storescu
+from tests.peers.ports import free_port
+from worker.app import make_celery
+
+PACSCLIP = str(Path(sys.executable).with_name("pacsclip"))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(0)
+    return build_bundle(root / "tiny", export_image_tower(TinyImageTower(), root / "tower.onnx"))
+
+
+def worker_env(settings: Settings, bundle: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")}
+    env.update(
+        PACSCLIP_DATA_DIR=str(settings.data_dir),
+        PACSCLIP_DATABASE_URL=settings.effective_database_url,
+        PACSCLIP_BROKER_URL=settings.effective_broker_url,
+        PACSCLIP_RESULT_BACKEND_URL=settings.effective_result_backend_url,
+        PACSCLIP_MODEL_BUNDLE=str(bundle),
+        PACSCLIP_INFERENCE_THREADS="1",
+        PACSCLIP_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]),
+        PACSCLIP_DISPATCH_MAX_RETRIES=str(settings.dispatch_max_retries),
+        PACSCLIP_DISPATCH_BACKOFF_S=str(settings.dispatch_backoff_s),
+    )
+    return env
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, node: DicomNode, worker: subprocess.Popen[bytes]):
+        self.settings, self.node, self.worker = settings, node, worker
+
+    def wait_for_state(self, study_uid: str, state: str, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.node.sessions() as session:
+                study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+                if study is not None and study.state == state:
+                    return
+            assert self.worker.poll() is None, "the worker process died"
+            time.sleep(0.2)
+        raise TimeoutError(f"study {study_uid} did not reach {state} in {timeout_s} s")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PACSCLIP, "--data-dir", str(self.settings.data_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")},
+        )
+
+
+@pytest.fixture
+def pipeline(
+    make_settings: Callable[..., Settings], bundle_dir: Path, tmp_path: Path
+) -> Iterator[Callable[..., Pipeline]]:
+    started: list[tuple[DicomNode, subprocess.Popen[bytes]]] = []
+
+    def start(**overrides: Any) -> Pipeline:
+        settings = make_settings(model_bundle=bundle_dir, **overrides)
+        catalog = open_catalog(settings.effective_database_url)
+        log = (tmp_path / "worker.log").open("ab")
+        worker = subprocess.Popen(
+            [PACSCLIP, "worker"], env=worker_env(settings, bundle_dir), stdout=log, stderr=log
+        )
+        node = DicomNode(
+            settings, catalog, publisher=CeleryPublisher(make_celery(settings), catalog.sessions)
+        )
+        node.start()
+        started.append((node, worker))
+        return Pipeline(settings, node, worker)
+
+    yield start
+    for node, worker in started:
+        node.stop()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def test_study_is_analysed_and_results_reach_the_destination(
+    pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    with storescp(port, out, aet="PACS"):
+        run = pipeline(
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}]
+        )
+        [source] = ct_small_copies(1, tmp_path / "src")
+        study_uid = str(dcmread(source).StudyInstanceUID)
+
+        assert storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+        run.wait_for_state(study_uid, "delivered")
+
+    received = [dcmread(p) for p in out.iterdir()]
+    modalities = sorted(str(ds.Modality) for ds in received)
+    assert modalities == ["OT", "SR"]
+    assert {str(ds.StudyInstanceUID) for ds in received} == {study_uid}
+    uids = ResultUids(study_uid, AlgorithmIdentity("tiny-clip", "1.0.0", synthetic=True), 1)
+    assert str(uids.sr_instance) in {str(ds.SOPInstanceUID) for ds in received}
+    with run.node.sessions() as session:
+        [result] = repository.results_for(session, study_uid)
+    assert result["algorithm"] == {"name": "tiny-clip", "version": "1.0.0", "synthetic": True}
+    assert result["dispatch"] == [{"destination": "pacs", "state": "delivered", "attempts": 1}]
+    assert {o["kind"] for o in result["objects"]} == {"SR", "SC"}
+
+
+def test_unreachable_destination_is_retried_then_dead_lettered_and_replayable(
+    pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    port = free_port()
+    run = pipeline(
+        destinations=[{"name": "down", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        dispatch_max_retries=1,
+        dispatch_backoff_s=0.2,
+    )
+    [source] = ct_small_copies(1, tmp_path / "src")
+    study_uid = str(dcmread(source).StudyInstanceUID)
+    storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP")
+    run.wait_for_state(study_uid, "analysed")
+
+    deadline = time.monotonic() + 60
+    failed: list[dict[str, Any]] = []
+    while not failed and time.monotonic() < deadline:
+        listed = run.cli("jobs", "list", "--state", "failed", "--json")
+        failed = json.loads(listed.stdout) if listed.returncode == 0 else []
+        time.sleep(0.3)
+    [job] = failed
+    assert job["destination"] == "down"
+    assert job["attempts"] == 2  # the first try and one retry
+    assert "down" in job["last_error"] or "127.0.0.1" in job["last_error"]
+
+    out = tmp_path / "pacs"
+    out.mkdir()
+    with storescp(port, out, aet="PACS"):
+        replay = run.cli("jobs", "retry", str(job["id"]))
+        assert replay.returncode == 0, replay.stderr
+        run.wait_for_state(study_uid, "delivered")
+    assert len(list(out.iterdir())) == 2

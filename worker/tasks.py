@@ -1,0 +1,94 @@
+"""The worker's tasks: ids in, ids out; the work is done in ``plugin``.
+
+Each worker process keeps one ``WorkerContext`` (settings, catalog, model loaded once),
+attached to the Celery app by ``worker.main``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from celery import Celery, Task
+
+from plugin.analysis import StudyAnalyser, finish_job, job_files, note_attempt
+from plugin.catalog.db import Catalog, open_catalog
+from plugin.inference import TriageModel
+from plugin.models.registry import resolve_bundle
+from plugin.settings import Settings
+from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def catalog(self) -> Catalog:
+        return open_catalog(self.settings.effective_database_url)
+
+    @cached_property
+    def analyser(self) -> StudyAnalyser:
+        bundle = resolve_bundle(self.settings.data_dir, self.settings.model_bundle)
+        model = TriageModel(bundle, threads=self.settings.inference_threads)
+        logger.info("model %s loaded", bundle.ref)
+        return StudyAnalyser(self.settings, self.catalog, model)
+
+
+def context_of(task: Task) -> WorkerContext:
+    context = getattr(task.app, "pacsclip", None)
+    if not isinstance(context, WorkerContext):
+        raise RuntimeError("the Celery app has no pacsclip WorkerContext: start it with main()")
+    return context
+
+
+def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]:
+    context = context_of(task)
+    outcome = context.analyser.analyse(study_uid, generation)
+    if outcome.created:
+        # Enqueued after the analysis is committed, so a dispatch never finds no rows.
+        for job_id in outcome.job_ids:
+            task.app.send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
+    return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
+
+
+def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
+    from dicom_node.dispatch import Destination, DispatchError, send_files
+
+    context = context_of(task)
+    settings = context.settings
+    job = job_files(context.catalog, settings, job_id)
+    if job.state != "pending":
+        return {"job": job_id, "state": job.state}  # a redelivered task after success
+    if job.destination is None:
+        finish_job(context.catalog, job_id, delivered=False, error="destination not configured")
+        return {"job": job_id, "state": "failed"}
+    d = job.destination
+    destination = Destination(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port)
+    try:
+        send_files(destination, job.files, calling_ae_title=settings.ae_title)
+    except DispatchError as exc:
+        retries = task.request.retries
+        if exc.retryable and retries < settings.dispatch_max_retries:
+            note_attempt(context.catalog, job_id, str(exc))
+            countdown = settings.dispatch_backoff_s * 2**retries
+            logger.warning(
+                "job %d to %s failed, retry in %.1f s: %s", job_id, d.name, countdown, exc
+            )
+            raise task.retry(exc=exc, countdown=countdown) from exc
+        finish_job(context.catalog, job_id, delivered=False, error=str(exc))
+        logger.error("job %d to %s dead-lettered: %s", job_id, d.name, exc)
+        return {"job": job_id, "state": "failed"}
+    finish_job(context.catalog, job_id, delivered=True, error=None)
+    return {"job": job_id, "state": "delivered"}
+
+
+def register(app: Celery) -> None:
+    """Bind the tasks to ``app`` under the names the node sends."""
+    app.task(name=ANALYSE_STUDY, bind=True)(analyse_study)
+    app.task(name=DISPATCH_RESULT, bind=True, max_retries=None)(dispatch_result)
