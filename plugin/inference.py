@@ -20,6 +20,7 @@ from pydicom import Dataset
 from plugin.imaging import ImageSpec, display_array, model_input, pool_scores, select_images
 from plugin.models.bundle import SYNTHETIC_NOTICE, Bundle
 from plugin.models.runtime import ImageEncoder, PromptEmbeddings
+from plugin.notices import NOT_FOR_DIAGNOSIS
 from plugin.triage import (
     Calibration,
     FindingPrompts,
@@ -35,7 +36,7 @@ from plugin.triage import (
 
 logger = logging.getLogger(__name__)
 
-AI_NOTICE = "AI result - not for diagnosis"
+AI_NOTICE = NOT_FOR_DIAGNOSIS
 # Occlusion runs at about the tower's resolution: finer maps cost more than they show.
 SALIENCY_MAX_SIDE = 224
 REGION_KEYS = ("row_min", "col_min", "row_max", "col_max")

@@ -1,14 +1,18 @@
-"""``pacsclip serve``: the worker runs as a child process next to the node."""
+"""``pacsclip serve``: the worker runs as a child process, the HTTP API in a thread, next to
+the DICOM node in the main thread."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from plugin.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +48,49 @@ def run_worker_process(config: Path | None, overrides: Mapping[str, Any]) -> Ite
             process.kill()
             process.wait()
         logger.info("worker process stopped")
+
+
+def build_api(settings: Settings) -> Any:
+    """The FastAPI app over the catalog, with result objects served from the results folder."""
+    from plugin.api import create_app
+    from plugin.catalog import repository
+    from plugin.catalog.db import open_catalog
+    from plugin.metrics import PacsclipMetrics
+
+    catalog = open_catalog(settings.effective_database_url)
+
+    def object_file(session: Any, study_uid: str, sop_instance_uid: str) -> Path | None:
+        relative = repository.result_object_path(session, study_uid, sop_instance_uid)
+        return None if relative is None else settings.results_dir / relative
+
+    return create_app(
+        settings,
+        catalog.sessions,
+        PacsclipMetrics(),
+        results_for=repository.results_for,
+        object_file=object_file,
+        failed_dispatch_jobs=repository.count_failed_jobs,
+    )
+
+
+@contextmanager
+def run_api_thread(settings: Settings) -> Iterator[None]:
+    """Serve the HTTP API from a thread for the time of the block."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_api(settings),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, name="http-api", daemon=True)
+    thread.start()
+    logger.info("HTTP API on %s:%d", settings.api_host, settings.api_port)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=STOP_TIMEOUT_S)

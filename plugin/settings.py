@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     hl7_host: str | None = None
     hl7_port: int | None = Field(None, ge=1, le=65535)
+    hl7_receiving_app: str = "RIS"
 
     @field_validator("allowed_callers", mode="before")
     @classmethod

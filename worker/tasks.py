@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -54,7 +55,43 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
         # Enqueued after the analysis is committed, so a dispatch never finds no rows.
         for job_id in outcome.job_ids:
             task.app.send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
+        if outcome.priority == "stat":
+            notify_stat(context, outcome.analysis_id)
     return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
+
+
+def notify_stat(context: WorkerContext, analysis_id: int) -> None:
+    """Tell the worklist about a STAT result: webhook and HL7 ORU, where configured.
+
+    A notification that fails is logged, not retried by the task: the flag is in the catalog
+    and the API, and the SR still goes to the PACS.
+    """
+    from plugin.catalog.repository import stat_flag
+    from plugin.notify import NotificationError
+    from plugin.notify.hl7 import build_oru, send_mllp
+    from plugin.notify.webhook import notify_stat as post_webhook
+    from plugin.notify.webhook import stat_payload
+
+    settings = context.settings
+    with context.catalog.sessions() as session:
+        flag = stat_flag(session, analysis_id)
+    if settings.webhook_url:
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        try:
+            post_webhook(settings.webhook_url, stat_payload(flag), secret=secret)
+        except NotificationError as exc:
+            logger.error("STAT webhook for analysis %d failed: %s", analysis_id, exc)
+    if settings.hl7_host and settings.hl7_port:
+        message = build_oru(
+            flag,
+            receiving_app=settings.hl7_receiving_app,
+            control_id=f"PACSCLIP{analysis_id}",
+            timestamp=datetime.now(UTC),
+        )
+        try:
+            send_mllp(settings.hl7_host, settings.hl7_port, message)
+        except (NotificationError, OSError) as exc:
+            logger.error("STAT HL7 message for analysis %d failed: %s", analysis_id, exc)
 
 
 def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:

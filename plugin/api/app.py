@@ -73,8 +73,7 @@ def create_app(
     metrics.include_catalog(partial(read_catalog, sessions, failed_dispatch_jobs))
     app.add_exception_handler(SQLAlchemyError, _catalog_unavailable)
 
-    # getattr until Settings gains `api_token`; a missing setting means "no token" (503).
-    auth = [Depends(BearerAuth(getattr(settings, "api_token", None)))]
+    auth = [Depends(BearerAuth(settings.api_token))]
     app.add_api_route("/api/health", health, methods=["GET"])
     app.add_api_route("/api/studies", list_studies, methods=["GET"], dependencies=auth)
     app.add_api_route("/api/studies/{study_uid}", get_study, methods=["GET"], dependencies=auth)

@@ -16,6 +16,7 @@ from plugin.catalog.models import (
     DispatchJob,
     Instance,
     QuarantineEntry,
+    ResultObject,
     Series,
     Study,
     utcnow,
@@ -369,3 +370,43 @@ def results_for(session: Session, study_uid: str) -> list[dict[str, Any]]:
         }
         for a in analyses
     ]
+
+
+def count_failed_jobs(session: Session) -> int:
+    return int(
+        session.scalar(select(func.count(DispatchJob.id)).where(DispatchJob.state == "failed")) or 0
+    )
+
+
+def result_object_path(session: Session, study_uid: str, sop_instance_uid: str) -> str | None:
+    """Where a result object of this study is kept (relative to the results folder)."""
+    return session.scalar(
+        select(ResultObject.path)
+        .join(Analysis)
+        .join(Study, Study.id == Analysis.study_id)
+        .where(
+            Study.study_instance_uid == study_uid,
+            ResultObject.sop_instance_uid == sop_instance_uid,
+        )
+    )
+
+
+def stat_flag(session: Session, analysis_id: int) -> dict[str, Any]:
+    """What a STAT notification says: the analysis with the study's identity."""
+    analysis = session.get(Analysis, analysis_id)
+    if analysis is None:
+        raise LookupError(f"no analysis {analysis_id}")
+    study = analysis.study
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "accession_number": study.accession_number,
+        "patient_id": study.patient_id,
+        "priority": analysis.priority,
+        "triggered_by": analysis.triggered_by,
+        "findings": analysis.findings,
+        "algorithm": {
+            "name": analysis.algorithm_name,
+            "version": analysis.algorithm_version,
+            "synthetic": analysis.synthetic,
+        },
+    }

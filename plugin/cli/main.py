@@ -112,12 +112,30 @@ def serve(
     ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
 ) -> None:
     """Run everything on one machine: DICOM node, a worker process and the HTTP API."""
-    from plugin.serve import run_worker_process
+    from plugin.serve import run_api_thread, run_worker_process
 
     settings = _settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title)
     root: dict[str, Any] = ctx.obj or {}
-    with run_worker_process(root.get("config"), root.get("overrides", {})):
+    with (
+        run_worker_process(root.get("config"), root.get("overrides", {})),
+        run_api_thread(settings),
+    ):
         _run_node(settings)
+
+
+@app.command()
+def api(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
+) -> None:
+    """Run the HTTP API alone (worklist flags, results, health, metrics)."""
+    import uvicorn
+
+    from plugin.serve import build_api
+
+    settings = _settings(ctx, api_host=host, api_port=port)
+    uvicorn.run(build_api(settings), host=settings.api_host, port=settings.api_port)
 
 
 @app.command()

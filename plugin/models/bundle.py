@@ -28,10 +28,11 @@ from pydantic import (
 )
 
 from plugin.errors import PacsclipError
+from plugin.notices import SYNTHETIC_MODEL
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
-SYNTHETIC_NOTICE = "synthetic demo model, not for clinical use"
+SYNTHETIC_NOTICE = SYNTHETIC_MODEL
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

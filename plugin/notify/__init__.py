@@ -9,13 +9,10 @@ the findings that made it STAT) plus the study's identity (`study_instance_uid`,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any
 
 from plugin.errors import PacsclipError
-
-# The same lines the SR and the overlay carry (plugin.results.model), so every channel warns alike.
-NOT_FOR_DIAGNOSIS: Final = "AI result - not for diagnosis"
-SYNTHETIC_MODEL: Final = "synthetic demo model - not for clinical use"
+from plugin.notices import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 
 
 class NotificationError(PacsclipError):

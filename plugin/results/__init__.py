@@ -5,9 +5,8 @@ worker writes and dispatches them. UIDs come from `uids`, derived from the study
 model version, so a redelivered task rebuilds identical objects.
 """
 
+from plugin.notices import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.results.model import (
-    NOT_FOR_DIAGNOSIS,
-    SYNTHETIC_MODEL,
     AlgorithmIdentity,
     Decision,
     FindingCode,

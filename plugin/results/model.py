@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from plugin.errors import PacsclipError
+from plugin.notices import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 
 Decision = Literal["present", "absent", "indeterminate"]
 Priority = Literal["stat", "routine"]
@@ -19,8 +20,6 @@ DECISIONS: Final[tuple[Decision, ...]] = ("present", "absent", "indeterminate")
 PRIORITIES: Final[tuple[Priority, ...]] = ("stat", "routine")
 
 # Every result object carries these lines; the demo model adds the second one.
-NOT_FOR_DIAGNOSIS: Final = "AI result - not for diagnosis"
-SYNTHETIC_MODEL: Final = "synthetic demo model - not for clinical use"
 # Longest value of the LO value representation (Series Description).
 _LO_MAX: Final = 64
 

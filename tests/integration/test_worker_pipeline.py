@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -53,6 +55,8 @@ def worker_env(settings: Settings, bundle: Path) -> dict[str, str]:
         PACSCLIP_DISPATCH_MAX_RETRIES=str(settings.dispatch_max_retries),
         PACSCLIP_DISPATCH_BACKOFF_S=str(settings.dispatch_backoff_s),
     )
+    if settings.webhook_url:
+        env["PACSCLIP_WEBHOOK_URL"] = settings.webhook_url
     return env
 
 
@@ -174,3 +178,50 @@ def test_unreachable_destination_is_retried_then_dead_lettered_and_replayable(
         assert replay.returncode == 0, replay.stderr
         run.wait_for_state(study_uid, "delivered")
     assert len(list(out.iterdir())) == 2
+
+
+class WebhookReceiver(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_stat_result_calls_the_webhook(pipeline: Callable[..., Pipeline], tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nrules:\n  - name: all-ct-stat\n    match: {modality: [CT]}\n"
+        "    priority: stat\n"
+    )
+    WebhookReceiver.received = []
+    server = http.server.HTTPServer(("127.0.0.1", 0), WebhookReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        run = pipeline(
+            rules_file=rules,
+            webhook_url=f"http://127.0.0.1:{server.server_address[1]}/flags",
+        )
+        [source] = ct_small_copies(1, tmp_path / "src")
+        study_uid = str(dcmread(source).StudyInstanceUID)
+        storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP")
+        run.wait_for_state(study_uid, "analysed")
+        deadline = time.monotonic() + 20
+        while not WebhookReceiver.received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+    [payload] = WebhookReceiver.received
+    assert payload["study_instance_uid"] == study_uid
+    assert payload["priority"] == "stat"
+    assert payload["algorithm"]["name"] == "tiny-clip"
+    assert "AI result - not for diagnosis" in payload["disclaimer"]
+    assert "synthetic demo model" in payload["disclaimer"]

@@ -270,7 +270,7 @@ def test_cli_install_list_info_activate(tmp_path: Path, bundle_dir: Path) -> Non
 
     code, out = cli(data, "info", "tiny-clip")
     assert code == 0, out
-    assert "synthetic: yes, synthetic demo model, not for clinical use" in out
+    assert "synthetic: yes, synthetic demo model - not for clinical use" in out
     assert "pneumothorax (Pneumothorax)" in out
     assert "intended use: Unit tests of pacsclip." in out
     assert "checksums: OK" in out
