@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from sqlalchemy import select
 
+from dicom_node.celery_publisher import CeleryPublisher
 from dicom_node.node import DicomNode
 from dicom_node.publish import StudyCompleted
 from plugin.catalog.db import open_catalog
+from plugin.catalog.models import Study
 from plugin.settings import Settings
+from tests.models_fixtures import TinyImageTower, build_bundle, export_image_tower
+from worker.app import make_celery
 
 
 class RecordingPublisher:
@@ -70,3 +82,129 @@ def start_node(make_settings: Callable[..., Settings]) -> Iterator[Callable[...,
     yield start
     for node in started:
         node.stop()
+
+
+# --- a worker process beside an in-process node ------------------------------------------
+
+PACSCLIP = str(Path(sys.executable).with_name("pacsclip"))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(0)
+    return build_bundle(root / "tiny", export_image_tower(TinyImageTower(), root / "tower.onnx"))
+
+
+def worker_env(settings: Settings, bundle: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")}
+    env.update(
+        PACSCLIP_DATA_DIR=str(settings.data_dir),
+        PACSCLIP_DATABASE_URL=settings.effective_database_url,
+        PACSCLIP_BROKER_URL=settings.effective_broker_url,
+        PACSCLIP_RESULT_BACKEND_URL=settings.effective_result_backend_url,
+        PACSCLIP_MODEL_BUNDLE=str(bundle),
+        PACSCLIP_INFERENCE_THREADS="1",
+        PACSCLIP_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]),
+        PACSCLIP_DISPATCH_MAX_RETRIES=str(settings.dispatch_max_retries),
+        PACSCLIP_DISPATCH_BACKOFF_S=str(settings.dispatch_backoff_s),
+        PACSCLIP_TASK_VISIBILITY_TIMEOUT_S=str(settings.task_visibility_timeout_s),
+    )
+    if settings.webhook_url:
+        env["PACSCLIP_WEBHOOK_URL"] = settings.webhook_url
+    return env
+
+
+# A worker whose analysis sleeps first, so a test can kill it in the middle of a task.
+# Test instrumentation of pacsclip's own code, run in the worker process only.
+SLOW_WORKER = """
+import sys, time
+from plugin import analysis
+delay = float(sys.argv[1])
+analyse = analysis.StudyAnalyser.analyse
+def slow(self, *args, **kwargs):
+    time.sleep(delay)
+    return analyse(self, *args, **kwargs)
+analysis.StudyAnalyser.analyse = slow
+from plugin.cli.main import run
+sys.argv = ["pacsclip", "worker"]
+run()
+"""
+
+
+class Pipeline:
+    """An in-process node publishing to a real Celery worker process."""
+
+    def __init__(self, settings: Settings, node: DicomNode, bundle: Path, log: Path) -> None:
+        self.settings, self.node, self.bundle, self.log = settings, node, bundle, log
+        self.worker = self.start_worker()
+
+    def start_worker(self, slow_analysis_s: float = 0.0) -> subprocess.Popen[bytes]:
+        command = (
+            [sys.executable, "-c", SLOW_WORKER, str(slow_analysis_s)]
+            if slow_analysis_s > 0
+            else [PACSCLIP, "worker"]
+        )
+        with self.log.open("ab") as log:
+            return subprocess.Popen(
+                command, env=worker_env(self.settings, self.bundle), stdout=log, stderr=log
+            )
+
+    def restart_worker(self, slow_analysis_s: float = 0.0) -> None:
+        self.stop_worker()
+        self.worker = self.start_worker(slow_analysis_s)
+
+    def stop_worker(self) -> None:
+        if self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+
+    def wait_for_state(self, study_uid: str, state: str, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.node.sessions() as session:
+                study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+                if study is not None and study.state == state:
+                    return
+            assert self.worker.poll() is None, f"the worker died; log:\n{self.log.read_text()}"
+            time.sleep(0.2)
+        raise TimeoutError(f"study {study_uid} did not reach {state} in {timeout_s} s")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PACSCLIP, "--data-dir", str(self.settings.data_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=worker_env(self.settings, self.bundle),
+        )
+
+
+@pytest.fixture
+def pipeline(
+    make_settings: Callable[..., Settings], bundle_dir: Path, tmp_path: Path
+) -> Iterator[Callable[..., Pipeline]]:
+    started: list[Pipeline] = []
+
+    def start(*, slow_analysis_s: float = 0.0, **overrides: Any) -> Pipeline:
+        settings = make_settings(model_bundle=bundle_dir, **overrides)
+        catalog = open_catalog(settings.effective_database_url)
+        node = DicomNode(
+            settings, catalog, publisher=CeleryPublisher(make_celery(settings), catalog.sessions)
+        )
+        run = Pipeline(settings, node, bundle_dir, tmp_path / "worker.log")
+        if slow_analysis_s > 0:
+            run.restart_worker(slow_analysis_s)
+        node.start()
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.node.stop()
+        run.stop_worker()

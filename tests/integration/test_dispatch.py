@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -318,3 +321,81 @@ def test_stow_rs_nothing_listening_is_retryable(tmp_path: Path) -> None:
 
     assert caught.value.retryable
     assert "could not connect" in str(caught.value)
+
+
+class _CannedStowServer(ThreadingHTTPServer):
+    """A DICOMweb stand-in answering every POST with ``status`` and the DICOM JSON ``answer``,
+    keeping the request's Content-Type and body for the test to inspect."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _CannedStowHandler)
+        self.status = 202
+        self.answer: dict[str, Any] = {}
+        self.content_type = ""
+        self.body = b""
+
+
+class _CannedStowHandler(BaseHTTPRequestHandler):
+    server: _CannedStowServer
+
+    def do_POST(self) -> None:
+        self.server.content_type = self.headers["Content-Type"]
+        self.server.body = self.rfile.read(int(self.headers["Content-Length"]))
+        payload = json.dumps(self.server.answer).encode()
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silent: the test asserts on what was sent, not on the access log."""
+
+
+@pytest.fixture
+def canned_stow() -> Iterator[_CannedStowServer]:
+    server = _CannedStowServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _sop_items(outcomes: Sequence[tuple[str, int | None]]) -> dict[str, Any]:
+    """A STOW-RS answer sequence: one item per (SOPInstanceUID, FailureReason or None)."""
+    items = []
+    for uid, reason in outcomes:
+        item: dict[str, Any] = {"00081155": {"vr": "UI", "Value": [uid]}}
+        if reason is not None:
+            item["00081197"] = {"vr": "US", "Value": [reason]}
+        items.append(item)
+    return {"vr": "SQ", "Value": items}
+
+
+def test_stow_rs_failure_reasons_are_reported_per_instance(
+    tmp_path: Path, canned_stow: _CannedStowServer
+) -> None:
+    files = ct_small_copies(4, tmp_path / "results")
+    uids = [_uid(f) for f in files]
+    canned_stow.answer = {
+        "00081199": _sop_items([(uids[0], None)]),
+        "00081198": _sop_items([(uids[1], OUT_OF_RESOURCES), (uids[2], CANNOT_UNDERSTAND)]),
+    }
+    port = canned_stow.server_address[1]
+
+    with pytest.raises(DispatchError) as caught:
+        stow_files(StowDestination("web", f"http://127.0.0.1:{port}/dicom-web"), files)
+
+    assert not caught.value.retryable  # 0xC000 will not go away by resending
+    expected = [(uids[0], SUCCESS), (uids[1], OUT_OF_RESOURCES), (uids[2], CANNOT_UNDERSTAND)]
+    assert caught.value.report == SendReport("web", expected)
+    message = str(caught.value)
+    assert f"{uids[1]} 0xA700" in message
+    assert f"{uids[2]} 0xC000" in message
+    assert f"not acknowledged {uids[3]}" in message
+    assert canned_stow.content_type.startswith('multipart/related; type="application/dicom"')
+    assert canned_stow.body.count(b"Content-Type: application/dicom\r\n") == len(files)

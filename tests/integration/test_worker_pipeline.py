@@ -4,117 +4,20 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pytest
-import torch
 from pydicom import dcmread
-from sqlalchemy import select
 
-from dicom_node.celery_publisher import CeleryPublisher
-from dicom_node.node import DicomNode
 from plugin.catalog import repository
-from plugin.catalog.db import open_catalog
-from plugin.catalog.models import Study
 from plugin.results import AlgorithmIdentity, ResultUids
-from plugin.settings import Settings
-from tests.models_fixtures import TinyImageTower, build_bundle, export_image_tower
+from tests.integration.conftest import Pipeline
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import storescp, storescu
 from tests.peers.ports import free_port
-from worker.app import make_celery
-
-PACSCLIP = str(Path(sys.executable).with_name("pacsclip"))
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    return build_bundle(root / "tiny", export_image_tower(TinyImageTower(), root / "tower.onnx"))
-
-
-def worker_env(settings: Settings, bundle: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")}
-    env.update(
-        PACSCLIP_DATA_DIR=str(settings.data_dir),
-        PACSCLIP_DATABASE_URL=settings.effective_database_url,
-        PACSCLIP_BROKER_URL=settings.effective_broker_url,
-        PACSCLIP_RESULT_BACKEND_URL=settings.effective_result_backend_url,
-        PACSCLIP_MODEL_BUNDLE=str(bundle),
-        PACSCLIP_INFERENCE_THREADS="1",
-        PACSCLIP_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]),
-        PACSCLIP_DISPATCH_MAX_RETRIES=str(settings.dispatch_max_retries),
-        PACSCLIP_DISPATCH_BACKOFF_S=str(settings.dispatch_backoff_s),
-    )
-    if settings.webhook_url:
-        env["PACSCLIP_WEBHOOK_URL"] = settings.webhook_url
-    return env
-
-
-class Pipeline:
-    def __init__(self, settings: Settings, node: DicomNode, worker: subprocess.Popen[bytes]):
-        self.settings, self.node, self.worker = settings, node, worker
-
-    def wait_for_state(self, study_uid: str, state: str, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self.node.sessions() as session:
-                study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-                if study is not None and study.state == state:
-                    return
-            assert self.worker.poll() is None, "the worker process died"
-            time.sleep(0.2)
-        raise TimeoutError(f"study {study_uid} did not reach {state} in {timeout_s} s")
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [PACSCLIP, "--data-dir", str(self.settings.data_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env={k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")},
-        )
-
-
-@pytest.fixture
-def pipeline(
-    make_settings: Callable[..., Settings], bundle_dir: Path, tmp_path: Path
-) -> Iterator[Callable[..., Pipeline]]:
-    started: list[tuple[DicomNode, subprocess.Popen[bytes]]] = []
-
-    def start(**overrides: Any) -> Pipeline:
-        settings = make_settings(model_bundle=bundle_dir, **overrides)
-        catalog = open_catalog(settings.effective_database_url)
-        log = (tmp_path / "worker.log").open("ab")
-        worker = subprocess.Popen(
-            [PACSCLIP, "worker"], env=worker_env(settings, bundle_dir), stdout=log, stderr=log
-        )
-        node = DicomNode(
-            settings, catalog, publisher=CeleryPublisher(make_celery(settings), catalog.sessions)
-        )
-        node.start()
-        started.append((node, worker))
-        return Pipeline(settings, node, worker)
-
-    yield start
-    for node, worker in started:
-        node.stop()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
 
 
 def test_study_is_analysed_and_results_reach_the_destination(

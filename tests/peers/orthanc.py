@@ -38,6 +38,8 @@ class OrthancServer:
         stable_age_s: int = 1,
         workdir: Path | None = None,
         start_timeout_s: float = 30,
+        http_port: int | None = None,
+        dicom_port: int | None = None,
     ) -> None:
         self.aet = aet
         self.modalities = dict(modalities or {})
@@ -46,6 +48,8 @@ class OrthancServer:
         self._workdir = workdir
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        # Fixed ports let a test stop Orthanc and start it again where its peers expect it.
+        self.fixed_ports = (http_port, dicom_port)
         self.http_port = 0
         self.dicom_port = 0
         self.log_path = Path()
@@ -60,7 +64,9 @@ class OrthancServer:
             self._workdir = Path(self._tempdir.name)
         workdir = self._workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = self.fixed_ports[0] or free_port(), (
+            self.fixed_ports[1] or free_port()
+        )
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
         self.log_path = workdir / "orthanc.log"
