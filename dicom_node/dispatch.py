@@ -141,9 +141,12 @@ def send_files(
     outgoing = [_read_meta(destination, path) for path in files]
     contexts = _presentation_contexts(destination, outgoing)
     assoc = _associate(destination, contexts, calling_ae_title, timeout_s)
-    report, unsendable, interrupted = _send_all(destination, assoc, outgoing)
-    if assoc.is_established:
-        assoc.release()
+    try:
+        report, unsendable, interrupted = _send_all(destination, assoc, outgoing)
+    finally:
+        # Released even when a file fails to load, so the peer is not left waiting.
+        if assoc.is_established:
+            assoc.release()
     logger.info(
         "dispatch to %s: %d sent, %d failed, %d without context, released=%s",
         destination.name,
@@ -311,7 +314,7 @@ def _send_all(
         if not _has_context(assoc, item):
             unsendable.append(item)
             continue
-        status = _store_one(assoc, item, message_id)
+        status = _store_one(destination, assoc, item, message_id)
         if status is None:
             return report, unsendable, True
         report.sent.append((item.sop_instance_uid, status))
@@ -335,14 +338,25 @@ def _has_context(assoc: Association, item: _Outgoing) -> bool:
     return False
 
 
-def _store_one(assoc: Association, item: _Outgoing, message_id: int) -> int | None:
+def _store_one(
+    destination: Destination, assoc: Association, item: _Outgoing, message_id: int
+) -> int | None:
     """Send one file; its status, or None when no response came (the association is gone)."""
     if not assoc.is_established:
         return None
-    # The whole file is read (pixel data as stored bytes, not decoded), so pynetdicom can
-    # re-encode it when the peer accepted the other uncompressed syntax.
-    dataset = dcmread(item.path)
-    response = assoc.send_c_store(dataset, msg_id=message_id % 0x10000)
+    try:
+        # The whole file is read (pixel data as stored bytes, not decoded), so pynetdicom can
+        # re-encode it when the peer accepted the other uncompressed syntax.
+        dataset = dcmread(item.path)
+        response = assoc.send_c_store(dataset, msg_id=message_id % 0x10000)
+    except (OSError, InvalidDicomError, ValueError) as exc:
+        # A body that cannot be parsed or encoded fails the same way on every attempt.
+        raise DispatchError(
+            f"dispatch to {destination}: cannot send {item.path.name} "
+            f"({item.sop_instance_uid}): {exc}",
+            destination=destination.name,
+            retryable=False,
+        ) from exc
     if "Status" not in response:
         return None
     return int(response.Status)

@@ -29,6 +29,7 @@ from plugin.catalog import repository
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.records import Peer
 from plugin.catalog.writer import CatalogWriter
+from plugin.metrics import PacsclipMetrics, Stage
 from plugin.settings import Settings
 from plugin.study_state import StudyState
 
@@ -45,8 +46,10 @@ class DicomNode:
         *,
         publisher: CompletionPublisher | None = None,
         rules: RuleSet | None = None,
+        metrics: PacsclipMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or PacsclipMetrics()
         self.sessions = catalog.sessions
         self.publisher = publisher or LoggingPublisher()
         self.rules = rules or (
@@ -75,6 +78,7 @@ class DicomNode:
             site_tags=settings.site_tags,
             clock=self.clock,
             on_new_study=self._ask_expected_count if settings.count_query_peer else None,
+            on_stored=lambda: self.metrics.observe_stage(Stage.RECEIVED),
         )
         self.policy = CallerPolicy(tuple(settings.allowed_callers))
         self.ae = build_ae(settings)
@@ -256,6 +260,7 @@ class DicomNode:
         if generation is None:
             return
         logger.info("study %s complete (%s)", study_uid, reason.value)
+        self.metrics.observe_stage(Stage.COMPLETE, seconds=facts.age_s)
         self.publisher.publish(
             StudyCompleted(
                 study_instance_uid=study_uid,
@@ -270,14 +275,14 @@ class DicomNode:
         )
 
 
-def main(settings: Settings) -> None:
+def main(settings: Settings, metrics: PacsclipMetrics | None = None) -> None:
     """Run the node until SIGINT or SIGTERM."""
     from dicom_node.celery_publisher import CeleryPublisher
     from worker.app import make_celery
 
     catalog = open_catalog(settings.effective_database_url)
     publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
-    node = DicomNode(settings, catalog, publisher=publisher)
+    node = DicomNode(settings, catalog, publisher=publisher, metrics=metrics)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -48,6 +48,7 @@ class Receiver:
     site_tags: list[str]
     clock: Callable[[], float]
     on_new_study: Callable[[str], None] | None = None
+    on_stored: Callable[[], None] | None = None
 
     def accept(
         self, obj: ReceivedObject, data: bytes, peer: Peer, association: int | None
@@ -63,6 +64,8 @@ class Receiver:
             logger.exception("storing instance %s failed", obj.sop_instance_uid)
             self._audit_failure(peer, obj, status.PROCESSING_FAILURE, type(exc).__name__)
             return status_dataset(status.PROCESSING_FAILURE, "Processing failure; please retry")
+        if self.on_stored is not None:
+            self.on_stored()
         if outcome is not StoreOutcome.DUPLICATE:
             first = self.tracker.instance_received(
                 obj.study_instance_uid,

@@ -57,6 +57,8 @@ class AnalysisOutcome:
     job_ids: list[int]
     priority: str
     created: bool  # False when an earlier run of the same generation had done it
+    duration_s: float = 0.0
+    since_complete_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -287,8 +289,16 @@ class StudyAnalyser:
                 if done is None:
                     raise
                 return done
+            completed = study.completed_at
             return AnalysisOutcome(
-                analysis.id, [j.id for j in analysis.jobs], report.priority, created=True
+                analysis.id,
+                [j.id for j in analysis.jobs],
+                report.priority,
+                created=True,
+                duration_s=duration_s,
+                since_complete_s=None
+                if completed is None
+                else (utcnow() - _aware(completed)).total_seconds(),
             )
 
 
@@ -329,8 +339,12 @@ def job_files(catalog: Catalog, settings: Settings, job_id: int) -> JobFiles:
         return JobFiles(job.id, destination, files, job.state)
 
 
-def finish_job(catalog: Catalog, job_id: int, *, delivered: bool, error: str | None) -> None:
-    """Record a job's outcome; the study is delivered once every job of its analysis is."""
+def finish_job(
+    catalog: Catalog, job_id: int, *, delivered: bool, error: str | None
+) -> tuple[int, float]:
+    """Record a job's outcome; the study is delivered once every job of its analysis is.
+
+    Returns the number of objects of the job and the seconds since its analysis."""
     with catalog.sessions() as session:
         job = session.get(DispatchJob, job_id)
         if job is None:
@@ -351,6 +365,7 @@ def finish_job(catalog: Catalog, job_id: int, *, delivered: bool, error: str | N
         ):
             study.state = StudyState.DELIVERED
         session.commit()
+        return len(analysis.objects), (utcnow() - _aware(analysis.created_at)).total_seconds()
 
 
 def note_attempt(catalog: Catalog, job_id: int, error: str) -> None:
@@ -363,3 +378,8 @@ def note_attempt(catalog: Catalog, job_id: int, error: str) -> None:
         job.updated_at = utcnow()
         job.last_error = error
         session.commit()
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; the catalog stores UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

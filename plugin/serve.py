@@ -50,7 +50,7 @@ def run_worker_process(config: Path | None, overrides: Mapping[str, Any]) -> Ite
         logger.info("worker process stopped")
 
 
-def build_api(settings: Settings) -> Any:
+def build_api(settings: Settings, metrics: Any | None = None) -> Any:
     """The FastAPI app over the catalog, with result objects served from the results folder."""
     from plugin.api import create_app
     from plugin.catalog import repository
@@ -66,7 +66,7 @@ def build_api(settings: Settings) -> Any:
     return create_app(
         settings,
         catalog.sessions,
-        PacsclipMetrics(),
+        metrics or PacsclipMetrics(),
         results_for=repository.results_for,
         object_file=object_file,
         failed_dispatch_jobs=repository.count_failed_jobs,
@@ -74,13 +74,13 @@ def build_api(settings: Settings) -> Any:
 
 
 @contextmanager
-def run_api_thread(settings: Settings) -> Iterator[None]:
+def run_api_thread(settings: Settings, metrics: Any | None = None) -> Iterator[None]:
     """Serve the HTTP API from a thread for the time of the block."""
     import uvicorn
 
     server = uvicorn.Server(
         uvicorn.Config(
-            build_api(settings),
+            build_api(settings, metrics),
             host=settings.api_host,
             port=settings.api_port,
             log_level="warning",

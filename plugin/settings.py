@@ -107,6 +107,7 @@ class Settings(BaseSettings):
     hl7_host: str | None = None
     hl7_port: int | None = Field(None, ge=1, le=65535)
     hl7_receiving_app: str = "RIS"
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("allowed_callers", mode="before")
     @classmethod

@@ -11,7 +11,9 @@ from worker.tasks import WorkerContext, register
 
 def main(settings: Settings, queues: Sequence[str] = QUEUES) -> None:
     app = make_celery(settings)
-    app.pacsclip = WorkerContext(settings)
+    app.pacsclip = context = WorkerContext(settings)
+    if settings.worker_metrics_port is not None:
+        context.metrics.serve(settings.api_host, settings.worker_metrics_port)
     register(app)
     app.worker_main(
         [

@@ -17,6 +17,7 @@ from celery import Celery, Task
 from plugin.analysis import StudyAnalyser, finish_job, job_files, note_attempt
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.inference import TriageModel
+from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.registry import resolve_bundle
 from plugin.settings import Settings
 from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class WorkerContext:
     settings: Settings
-    _cache: dict[str, Any] = field(default_factory=dict)
+    metrics: PacsclipMetrics = field(default_factory=PacsclipMetrics)
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -52,6 +53,8 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
     context = context_of(task)
     outcome = context.analyser.analyse(study_uid, generation)
     if outcome.created:
+        context.metrics.observe_stage(Stage.ANALYSED, seconds=outcome.since_complete_s)
+        context.metrics.observe_analysis_duration(outcome.duration_s)
         # Enqueued after the analysis is committed, so a dispatch never finds no rows.
         for job_id in outcome.job_ids:
             task.app.send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
@@ -119,9 +122,12 @@ def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
             )
             raise task.retry(exc=exc, countdown=countdown) from exc
         finish_job(context.catalog, job_id, delivered=False, error=str(exc))
+        context.metrics.observe_stage(Stage.FAILED)
         logger.error("job %d to %s dead-lettered: %s", job_id, d.name, exc)
         return {"job": job_id, "state": "failed"}
-    finish_job(context.catalog, job_id, delivered=True, error=None)
+    objects, since_analysed_s = finish_job(context.catalog, job_id, delivered=True, error=None)
+    for _ in range(objects):
+        context.metrics.observe_stage(Stage.DELIVERED, seconds=since_analysed_s)
     return {"job": job_id, "state": "delivered"}
 
 

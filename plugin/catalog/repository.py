@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -106,6 +106,7 @@ class StudyFacts:
     needs_reanalysis: bool
     pipelines: list[str]
     destinations: list[str]
+    age_s: float  # since the first instance arrived
 
 
 def study_facts(session: Session, study_uid: str) -> StudyFacts | None:
@@ -128,6 +129,7 @@ def study_facts(session: Session, study_uid: str) -> StudyFacts | None:
         needs_reanalysis=study.needs_reanalysis,
         pipelines=list((study.routing or {}).get("pipelines", [])),  # type: ignore[call-overload]
         destinations=list((study.routing or {}).get("destinations", [])),  # type: ignore[call-overload]
+        age_s=(utcnow() - _aware(study.received_at)).total_seconds(),
     )
 
 
@@ -410,3 +412,8 @@ def stat_flag(session: Session, analysis_id: int) -> dict[str, Any]:
             "synthetic": analysis.synthetic,
         },
     }
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; the catalog stores UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -86,12 +86,12 @@ NodePort = Annotated[int | None, typer.Option("--port", help="DICOM port.")]
 NodeAet = Annotated[str | None, typer.Option("--ae-title", help="Our AE title.")]
 
 
-def _run_node(settings: Settings) -> None:
+def _run_node(settings: Settings, metrics: Any | None = None) -> None:
     from dicom_node.node import main
     from dicom_node.routing import RulesError
 
     try:
-        main(settings)
+        main(settings, metrics)
     except RulesError as exc:
         raise _fail(str(exc)) from exc
     except OSError as exc:
@@ -112,15 +112,17 @@ def serve(
     ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
 ) -> None:
     """Run everything on one machine: DICOM node, a worker process and the HTTP API."""
+    from plugin.metrics import PacsclipMetrics
     from plugin.serve import run_api_thread, run_worker_process
 
     settings = _settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title)
     root: dict[str, Any] = ctx.obj or {}
+    metrics = PacsclipMetrics()  # the node counts, the API in the same process reports
     with (
         run_worker_process(root.get("config"), root.get("overrides", {})),
-        run_api_thread(settings),
+        run_api_thread(settings, metrics),
     ):
-        _run_node(settings)
+        _run_node(settings, metrics)
 
 
 @app.command()

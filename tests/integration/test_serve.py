@@ -1,0 +1,104 @@
+"""``pacsclip serve`` as an operator runs it: one command, node + worker + API, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from tests.peers.data import ct_small_copies
+from tests.peers.dcmtk import echoscu, storescu
+from tests.peers.ports import free_port
+
+PACSCLIP = str(Path(sys.executable).with_name("pacsclip"))
+TOKEN = "test-token-4f1c"
+
+
+def get(url: str, token: str | None = TOKEN) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_until(check: Any, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} within {timeout_s} s")
+
+
+def test_serve_receives_analyses_reports_and_stops_cleanly(
+    tmp_path: Path, bundle_dir: Path
+) -> None:
+    dicom_port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")}
+    env.update(
+        PACSCLIP_DATA_DIR=str(tmp_path / "data"),
+        PACSCLIP_DICOM_HOST="127.0.0.1",
+        PACSCLIP_DICOM_PORT=str(dicom_port),
+        PACSCLIP_API_PORT=str(api_port),
+        PACSCLIP_API_TOKEN=TOKEN,
+        PACSCLIP_QUIET_PERIOD_S="0.5",
+        PACSCLIP_MIN_FREE_DISK_MB="0",
+        PACSCLIP_MODEL_BUNDLE=str(bundle_dir),
+        PACSCLIP_INFERENCE_THREADS="1",
+    )
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen([PACSCLIP, "serve"], env=env, stdout=out, stderr=out)
+    try:
+        wait_until(
+            lambda: echoscu("127.0.0.1", dicom_port, aec="PACSCLIP").returncode == 0,
+            60,
+            "the node did not answer C-ECHO",
+        )
+        wait_until(lambda: get(f"{api}/api/health", None)[0] == 200, 30, "no API health")
+        [source] = ct_small_copies(1, tmp_path / "src")
+        study_uid = str(dcmread(source).StudyInstanceUID)
+        assert storescu([source], "127.0.0.1", dicom_port, aec="PACSCLIP").statuses == [0]
+
+        def analysed() -> dict[str, Any] | None:
+            status, body = get(f"{api}/api/studies/{study_uid}")
+            detail = json.loads(body) if status == 200 else None
+            return detail if detail and detail["state"] == "analysed" else None
+
+        detail = wait_until(analysed, 90, "the study was not analysed")
+        [result] = detail["results"]
+        assert result["algorithm"]["name"] == "tiny-clip"
+        sr = next(o for o in result["objects"] if o["kind"] == "SR")
+        status, sr_bytes = get(f"{api}{sr['link']}")
+        assert status == 200
+        assert b"DICM" in sr_bytes[:132]
+        assert get(f"{api}/api/studies")[0] == 200
+        assert get(f"{api}/api/studies", token="wrong")[0] == 401
+        metrics = get(f"{api}/metrics")[1].decode()
+        assert "pacsclip_received_instances_total 1.0" in metrics
+        assert 'pacsclip_studies{state="analysed"} 1.0' in metrics
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            code = serve.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+            raise
+    assert code == 0, log.read_text()[-3000:]
+    assert "worker process stopped" in log.read_text()
