@@ -44,14 +44,37 @@ class DicomPeer(BaseModel):
 
 
 class DestinationConfig(BaseModel):
-    """A DICOM node that receives pacsclip's results (SR and overlays) by C-STORE."""
+    """Where pacsclip's results (SR and overlays) go: a DICOM node by C-STORE (``ae_title``,
+    ``host``, ``port``, optionally over TLS) or a DICOMweb server by STOW-RS (``url``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: str | None = Field(None, min_length=1, max_length=16)
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    url: str | None = None
+    bearer_token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DestinationConfig:
+        dicom = (self.ae_title, self.host, self.port)
+        if self.url is None and None in dicom:
+            raise ValueError(
+                f"destination {self.name!r}: give ae_title, host and port (C-STORE) or url "
+                "(STOW-RS)"
+            )
+        if self.url is not None and any(v is not None for v in dicom):
+            raise ValueError(f"destination {self.name!r}: give either url or ae_title/host/port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"destination {self.name!r}: tls_cert and tls_key go together")
+        if (self.tls_cert or self.tls_ca) and not self.tls:
+            raise ValueError(f"destination {self.name!r}: TLS files given, set tls = true")
+        return self
 
 
 class Settings(BaseSettings):
@@ -97,6 +120,7 @@ class Settings(BaseSettings):
     destinations: list[DestinationConfig] = Field(default_factory=list)
     dispatch_max_retries: int = Field(5, ge=0)
     dispatch_backoff_s: float = Field(2.0, gt=0)
+    dispatch_timeout_s: float = Field(30.0, gt=0)
 
     # HTTP API and notifications
     api_host: str = "127.0.0.1"

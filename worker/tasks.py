@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
@@ -19,7 +20,7 @@ from plugin.catalog.db import Catalog, open_catalog
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.registry import resolve_bundle
-from plugin.settings import Settings
+from plugin.settings import DestinationConfig, Settings
 from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def notify_stat(context: WorkerContext, analysis_id: int) -> None:
 
 
 def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
-    from dicom_node.dispatch import Destination, DispatchError, send_files
+    from dicom_node.dispatch import DispatchError
 
     context = context_of(task)
     settings = context.settings
@@ -109,9 +110,8 @@ def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
         finish_job(context.catalog, job_id, delivered=False, error="destination not configured")
         return {"job": job_id, "state": "failed"}
     d = job.destination
-    destination = Destination(name=d.name, ae_title=d.ae_title, host=d.host, port=d.port)
     try:
-        send_files(destination, job.files, calling_ae_title=settings.ae_title)
+        send(d, job.files, settings)
     except DispatchError as exc:
         retries = task.request.retries
         if exc.retryable and retries < settings.dispatch_max_retries:
@@ -129,6 +129,35 @@ def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
     for _ in range(objects):
         context.metrics.observe_stage(Stage.DELIVERED, seconds=since_analysed_s)
     return {"job": job_id, "state": "delivered"}
+
+
+def send(d: DestinationConfig, files: list[Path], settings: Settings) -> None:
+    """C-STORE (optionally over TLS) or STOW-RS, as the destination is configured."""
+    from dicom_node.dispatch import Destination, send_files
+    from dicom_node.stow import StowDestination, stow_files
+
+    timeout = settings.dispatch_timeout_s
+    if d.url is not None:
+        token = d.bearer_token.get_secret_value() if d.bearer_token else None
+        stow_files(
+            StowDestination(name=d.name, url=d.url, bearer_token=token, tls_ca=d.tls_ca),
+            files,
+            timeout_s=timeout,
+        )
+        return
+    if d.ae_title is None or d.host is None or d.port is None:  # the settings validator forbids it
+        raise ValueError(f"destination {d.name} has no DICOM address")
+    destination = Destination(
+        name=d.name,
+        ae_title=d.ae_title,
+        host=d.host,
+        port=d.port,
+        tls=d.tls,
+        tls_ca=d.tls_ca,
+        tls_cert=d.tls_cert,
+        tls_key=d.tls_key,
+    )
+    send_files(destination, files, calling_ae_title=settings.ae_title, timeout_s=timeout)
 
 
 def register(app: Celery) -> None:

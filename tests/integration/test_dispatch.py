@@ -201,8 +201,15 @@ def test_wrong_called_ae_title_is_retryable(tmp_path: Path, orthanc: OrthancServ
         send_files(destination, files, calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)
 
     assert caught.value.retryable
-    assert "association rejected" in str(caught.value)
-    assert "Called AE title not recognised" in str(caught.value)
+    message = str(caught.value)
+    assert f"NOT-ORTHANC@127.0.0.1:{orthanc.dicom_port}" in message
+    # Orthanc closes the connection right after its A-ASSOCIATE-RJ; in about 1 of 100 tries
+    # here the close overtakes the RJ and pynetdicom sees only a closed transport.
+    assert (
+        "association rejected (Rejected Permanent, Service User: Called AE title not recognised)"
+        in message
+        or "association aborted during negotiation" in message
+    )
     assert orthanc.find_study(study_uid) is None
 
 
