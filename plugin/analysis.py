@@ -24,6 +24,7 @@ from plugin.catalog.db import Catalog
 from plugin.catalog.models import (
     Analysis,
     DispatchJob,
+    ImageEmbedding,
     Instance,
     ResultObject,
     Series,
@@ -272,6 +273,7 @@ class StudyAnalyser:
                 jobs=[DispatchJob(destination=d.name, state="pending") for d in destinations],
             )
             session.add(analysis)
+            self._keep_embeddings(session, study, report)
             # Only the newest generation moves the study on: a study reopened by late
             # images while this ran stays receiving.
             if study.generation == generation and study.state in (
@@ -299,6 +301,30 @@ class StudyAnalyser:
                 since_complete_s=None
                 if completed is None
                 else (utcnow() - _aware(completed)).total_seconds(),
+            )
+
+    def _keep_embeddings(self, session: Session, study: Study, report: TriageReport) -> None:
+        """Store each scored image's embedding once per model: the retrieval index's source."""
+        model_ref = self.model.bundle.ref
+        known = set(
+            session.scalars(
+                select(ImageEmbedding.sop_instance_uid).where(
+                    ImageEmbedding.study_id == study.id, ImageEmbedding.model_ref == model_ref
+                )
+            )
+        )
+        for sop_uid, vector in zip(report.images, report.embeddings, strict=True):
+            if sop_uid in known:
+                continue
+            session.add(
+                ImageEmbedding(
+                    sop_instance_uid=sop_uid,
+                    study_id=study.id,
+                    site_id=study.site_id,
+                    model_ref=model_ref,
+                    dim=int(vector.shape[0]),
+                    vector=vector.astype("<f4").tobytes(),
+                )
             )
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -198,3 +199,21 @@ class DispatchJob(Base):
     delivered_at: Mapped[datetime | None]
 
     analysis: Mapped[Analysis] = relationship(back_populates="jobs")
+
+
+class ImageEmbedding(Base):
+    """An analysed image's embedding: the source of truth the vector index is built from."""
+
+    __tablename__ = "image_embedding"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "model_ref"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("site.id"), index=True)
+    model_ref: Mapped[str] = mapped_column(String(130), index=True)  # name@version
+    dim: Mapped[int]
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little endian
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship()

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydicom import dcmread
+from sqlalchemy import func, select
 
 from plugin.catalog import repository
+from plugin.catalog.models import ImageEmbedding
 from plugin.results import AlgorithmIdentity, ResultUids
 from tests.integration.conftest import Pipeline
 from tests.peers.data import ct_small_copies
@@ -44,9 +46,11 @@ def test_study_is_analysed_and_results_reach_the_destination(
     assert str(uids.sr_instance) in {str(ds.SOPInstanceUID) for ds in received}
     with run.node.sessions() as session:
         [result] = repository.results_for(session, study_uid)
+        embeddings = session.scalar(select(func.count(ImageEmbedding.id)))
     assert result["algorithm"] == {"name": "tiny-clip", "version": "1.0.0", "synthetic": True}
     assert result["dispatch"] == [{"destination": "pacs", "state": "delivered", "attempts": 1}]
     assert {o["kind"] for o in result["objects"]} == {"SR", "SC"}
+    assert embeddings == 1  # the analysed image's embedding is kept for retrieval
 
 
 def test_unreachable_destination_is_retried_then_dead_lettered_and_replayable(
