@@ -260,8 +260,7 @@ def wait_ready(process: subprocess.Popen[bytes], config: ServeConfig, log: Path)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
-                f"pacsclip serve exited with {process.returncode} before it was ready; "
-                f"log {log}:\n{log_tail(log)}"
+                f"pacsclip serve exited with {process.returncode} before it was ready; log {log}"
             )
         echoed = echoed or echo_ok(config.node_port)
         healthy = healthy or health_ok(config.api_url)
@@ -270,7 +269,7 @@ def wait_ready(process: subprocess.Popen[bytes], config: ServeConfig, log: Path)
         time.sleep(0.2)
     raise TimeoutError(
         f"pacsclip serve not ready after {READY_TIMEOUT_S:.0f} s (C-ECHO ok: {echoed}, "
-        f"health ok: {healthy}); log {log}:\n{log_tail(log)}"
+        f"health ok: {healthy}); log {log}"
     )
 
 
@@ -281,7 +280,7 @@ def stop_serve(process: subprocess.Popen[bytes], log: Path) -> str:
     (its worker child) is killed by the group id and reported.
     """
     if process.poll() is not None:
-        return f"had already exited with {process.returncode}"
+        return f"had already exited with {process.returncode}" + kill_leftovers(process.pid)
     process.send_signal(signal.SIGTERM)
     started = time.monotonic()
     try:
