@@ -256,17 +256,21 @@ def cli(data_dir: Path, *args: str) -> tuple[int, str]:
 def test_cli_install_list_info_activate(tmp_path: Path, bundle_dir: Path) -> None:
     data = tmp_path / "data"
 
-    assert cli(data, "list") == (
-        0,
-        f"no model bundles in {data / 'models'}; add one with `pacsclip model install`\n",
-    )
+    code, before = cli(data, "list")
+    assert code == 0
+    # Only the demo bundle shipped inside the package is known before anything is installed.
+    assert [line.split()[0] for line in before.splitlines()] == ["pacsclip-demo@2026.11.0"]
+    assert "built-in synthetic" in before
     code, out = cli(data, "install", str(bundle_dir), "--activate")
     assert (code, out) == (0, "installed tiny-clip@1.0.0 (active)\n")
 
     code, out = cli(data, "list", "--json")
     assert code == 0, out
-    [entry] = json.loads(out)
-    assert entry["name"] == "tiny-clip" and entry["active"] and entry["synthetic"]
+    entries = {e["name"]: e for e in json.loads(out)}
+    assert set(entries) == {"tiny-clip", "pacsclip-demo"}
+    entry = entries["tiny-clip"]
+    assert entry["active"] and entry["synthetic"]
+    assert entries["pacsclip-demo"]["builtin"] and not entries["pacsclip-demo"]["active"]
 
     code, out = cli(data, "info", "tiny-clip")
     assert code == 0, out

@@ -248,3 +248,20 @@ def test_labels_csv_errors_say_what_to_fix(labelled: tuple[Path, Path]) -> None:
     labels.write_text(re.sub(r",$", ",0", labels.read_text(), flags=re.MULTILINE))
     with pytest.raises(ConfigError, match="finding 'pneumothorax' needs at least one positive"):
         fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
+
+
+def test_the_built_in_demo_model_triages_a_real_radiograph_out_of_the_box(
+    tmp_path: Path,
+) -> None:
+    from tests.peers.data import rg1
+
+    result = CliRunner().invoke(
+        app, ["--data-dir", str(tmp_path), "triage", str(rg1("uncompressed")), "--json"]
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["algorithm"]["name"] == "pacsclip-demo"
+    assert report["algorithm"]["synthetic"] is True
+    assert report["notices"] == [AI_NOTICE, SYNTHETIC_NOTICE]
+    assert {f["name"] for f in report["findings"]} >= {"pleural_effusion", "pneumothorax"}
