@@ -56,6 +56,7 @@ def build_api(settings: Settings, metrics: Any | None = None) -> Any:
     from plugin.catalog import repository
     from plugin.catalog.db import open_catalog
     from plugin.metrics import PacsclipMetrics
+    from plugin.retrieval.service import service_for
 
     catalog = open_catalog(settings.effective_database_url)
 
@@ -70,6 +71,7 @@ def build_api(settings: Settings, metrics: Any | None = None) -> Any:
         results_for=repository.results_for,
         object_file=object_file,
         failed_dispatch_jobs=repository.count_failed_jobs,
+        retrieval=service_for(settings, catalog.sessions),
     )
 
 

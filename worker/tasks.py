@@ -20,6 +20,7 @@ from plugin.catalog.db import Catalog, open_catalog
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.registry import resolve_bundle
+from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import DestinationConfig, Settings
 from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
 
@@ -42,6 +43,22 @@ class WorkerContext:
         logger.info("model %s loaded", bundle.ref)
         return StudyAnalyser(self.settings, self.catalog, model)
 
+    @cached_property
+    def indexes(self) -> IndexStore:
+        return IndexStore(self.settings.data_dir / "retrieval", self.catalog.sessions)
+
+    def update_index(self) -> None:
+        """Add the embeddings just committed to this model's image index and save it.
+
+        A failure is logged, not raised: the analysis and its embeddings are committed, and
+        the next update, search or rebuild reads them from the catalog.
+        """
+        bundle = self.analyser.model.bundle
+        try:
+            self.indexes.sync(Kind.IMAGES, bundle.ref, bundle.manifest.embedding_dim)
+        except Exception:
+            logger.exception("retrieval index of %s not updated", bundle.ref)
+
 
 def context_of(task: Task) -> WorkerContext:
     context = getattr(task.app, "pacsclip", None)
@@ -61,6 +78,8 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
             task.app.send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
         if outcome.priority == "stat":
             notify_stat(context, outcome.analysis_id)
+        # Last: the results are on their way before the index is touched.
+        context.update_index()
     return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
 
 

@@ -23,10 +23,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from plugin.api import retrieval_routes
 from plugin.api.auth import BearerAuth
 from plugin.catalog import repository
 from plugin.catalog.models import Study
 from plugin.metrics import CatalogSnapshot, PacsclipMetrics
+from plugin.retrieval.service import RetrievalService
 from plugin.settings import Settings
 from plugin.study_state import StudyState
 from plugin.triage.priority import Priority
@@ -67,9 +69,11 @@ def create_app(
     results_for: ResultsReader = no_results,
     object_file: ObjectLocator = no_objects,
     failed_dispatch_jobs: FailedJobsCounter | None = None,
+    retrieval: RetrievalService | None = None,
 ) -> FastAPI:
     app = FastAPI(title="pacsclip worklist API", version="1")
     app.state.context = ApiContext(sessions, metrics, results_for, object_file)
+    app.state.retrieval = retrieval
     metrics.include_catalog(partial(read_catalog, sessions, failed_dispatch_jobs))
     app.add_exception_handler(SQLAlchemyError, _catalog_unavailable)
 
@@ -84,6 +88,7 @@ def create_app(
         dependencies=auth,
         response_class=FileResponse,
     )
+    app.include_router(retrieval_routes.router(auth))
     # Unauthenticated like most scrape targets: counts and durations only, no patient data.
     app.add_api_route("/metrics", render_metrics, methods=["GET"], include_in_schema=False)
     return app

@@ -217,3 +217,36 @@ class ImageEmbedding(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     study: Mapped[Study] = relationship()
+
+
+class StudyReport(Base):
+    """A radiology report's text linked to a study (an incoming SR, HL7 ORU or the API)."""
+
+    __tablename__ = "study_report"
+    __table_args__ = (UniqueConstraint("study_id", "source", "digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # sr | hl7 | api
+    digest: Mapped[str] = mapped_column(String(64))  # sha256 of the text: the same text once
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship()
+
+
+class ReportEmbedding(Base):
+    """A report's text-tower embedding under one model version: the report index's source."""
+
+    __tablename__ = "report_embedding"
+    __table_args__ = (UniqueConstraint("report_id", "model_ref"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("study_report.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    model_ref: Mapped[str] = mapped_column(String(130), index=True)  # name@version
+    dim: Mapped[int]
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little endian
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    report: Mapped[StudyReport] = relationship()

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from plugin.cli.model_cmd import model_app
+from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.triage_cmd import triage
 from plugin.errors import ConfigError
 from plugin.logs import configure_logging
@@ -30,6 +31,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(model_app, name="model")
 app.command()(triage)
+app.add_typer(index_app, name="index")
+app.add_typer(report_app, name="report")
+app.command()(similar)
+app.command()(search)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 

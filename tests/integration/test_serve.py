@@ -71,16 +71,21 @@ def test_serve_receives_analyses_reports_and_stops_cleanly(
             "the node did not answer C-ECHO",
         )
         wait_until(lambda: get(f"{api}/api/health", None)[0] == 200, 30, "no API health")
+        # Two studies of the same patient with the same image: each is the other's prior.
         [source] = ct_small_copies(1, tmp_path / "src")
+        [repeat] = ct_small_copies(1, tmp_path / "repeat")
         study_uid = str(dcmread(source).StudyInstanceUID)
+        repeat_uid = str(dcmread(repeat).StudyInstanceUID)
         assert storescu([source], "127.0.0.1", dicom_port, aec="PACSCLIP").statuses == [0]
+        assert storescu([repeat], "127.0.0.1", dicom_port, aec="PACSCLIP").statuses == [0]
 
-        def analysed() -> dict[str, Any] | None:
-            status, body = get(f"{api}/api/studies/{study_uid}")
+        def analysed(uid: str) -> dict[str, Any] | None:
+            status, body = get(f"{api}/api/studies/{uid}")
             detail = json.loads(body) if status == 200 else None
             return detail if detail and detail["state"] == "analysed" else None
 
-        detail = wait_until(analysed, 90, "the study was not analysed")
+        detail = wait_until(lambda: analysed(study_uid), 90, "the study was not analysed")
+        wait_until(lambda: analysed(repeat_uid), 90, "the second study was not analysed")
         [result] = detail["results"]
         assert result["algorithm"]["name"] == "tiny-clip"
         sr = next(o for o in result["objects"] if o["kind"] == "SR")
@@ -90,8 +95,20 @@ def test_serve_receives_analyses_reports_and_stops_cleanly(
         assert get(f"{api}/api/studies")[0] == 200
         assert get(f"{api}/api/studies", token="wrong")[0] == 401
         metrics = get(f"{api}/metrics")[1].decode()
-        assert "pacsclip_received_instances_total 1.0" in metrics
-        assert 'pacsclip_studies{state="analysed"} 1.0' in metrics
+        assert "pacsclip_received_instances_total 2.0" in metrics
+        assert 'pacsclip_studies{state="analysed"} 2.0' in metrics
+
+        # The worker indexed both images; the API finds the prior, behind the token.
+        [index_file] = (tmp_path / "data" / "retrieval").glob("tiny-clip@*/images.index")
+        assert json.loads(index_file.with_name("images.index.json").read_text())["count"] == 2
+        status, body = get(f"{api}/api/studies/{study_uid}/similar")
+        assert status == 200, body
+        similar = json.loads(body)
+        assert similar["model"]["name"] == "tiny-clip"
+        assert [p["study_instance_uid"] for p in similar["priors"]] == [repeat_uid]
+        assert similar["priors"][0]["similarity"] > 0.99
+        assert similar["similar"] == []
+        assert get(f"{api}/api/studies/{study_uid}/similar", token="wrong")[0] == 401
     finally:
         serve.send_signal(signal.SIGTERM)
         try:
