@@ -14,12 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
+from pydicom import dcmread
+from sqlalchemy import select
 
 from plugin.analysis import StudyAnalyser, finish_job, job_files, note_attempt
 from plugin.catalog.db import Catalog, open_catalog
+from plugin.catalog.models import Instance, Series, Study
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.registry import resolve_bundle
+from plugin.retrieval.service import NoTextTower, RetrievalService, service_for
+from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import DestinationConfig, Settings
 from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
@@ -45,7 +50,40 @@ class WorkerContext:
 
     @cached_property
     def indexes(self) -> IndexStore:
-        return IndexStore(self.settings.data_dir / "retrieval", self.catalog.sessions)
+        return self.retrieval.store
+
+    @cached_property
+    def retrieval(self) -> RetrievalService:
+        return service_for(self.settings, self.catalog.sessions)
+
+    def keep_reports(self, study_uid: str) -> None:
+        """Store and index the text of reports (SRs from the PACS) that came with the study.
+
+        Failures are logged: a report that cannot be indexed must not hold up the results.
+        """
+        with self.catalog.sessions() as session:
+            paths = list(
+                session.scalars(
+                    select(Instance.path)
+                    .join(Series)
+                    .join(Study)
+                    .where(
+                        Study.study_instance_uid == study_uid,
+                        Instance.sop_class_uid.in_(REPORT_SR_CLASSES),
+                    )
+                )
+            )
+        for path in paths:
+            try:
+                ds = dcmread(self.settings.spool_dir / path)
+                text = report_text(ds) if is_foreign_report(ds) else ""
+                if text:
+                    self.retrieval.add_report(study_uid, text, source="sr")
+            except NoTextTower as exc:
+                logger.info("report text not indexed: %s", exc)
+                return
+            except Exception:
+                logger.exception("a report of the study could not be indexed")
 
     def update_index(self) -> None:
         """Add the embeddings just committed to this model's image index and save it.
@@ -80,6 +118,7 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
             notify_stat(context, outcome.analysis_id)
         # Last: the results are on their way before the index is touched.
         context.update_index()
+        context.keep_reports(study_uid)
     return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
 
 

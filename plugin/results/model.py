@@ -24,6 +24,10 @@ PRIORITIES: Final[tuple[Priority, ...]] = ("stat", "routine")
 _LO_MAX: Final = 64
 
 
+# The Manufacturer of every object pacsclip writes: how its own SRs are told from reports.
+MANUFACTURER = "pacsclip"
+
+
 class ResultBuildError(PacsclipError):
     """A result cannot be turned into DICOM (inconsistent inputs); the message says which."""
 
@@ -44,7 +48,7 @@ class AlgorithmIdentity:
     name: str
     version: str
     synthetic: bool
-    manufacturer: str = "pacsclip"
+    manufacturer: str = MANUFACTURER
 
     def __post_init__(self) -> None:
         if not self.name.strip() or not self.version.strip():
