@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 
 from plugin.errors import PacsclipError
 from plugin.models.bundle import (
     SYNTHETIC_NOTICE,
+    Bundle,
     BundleError,
+    BundleVersion,
     ImageSpec,
     Manifest,
+    load_bundle,
     read_prompts_file,
     validate_model,
 )
-from plugin.models.registry import BundleReport, Registry
+from plugin.models.registry import BundleReport, Registry, resolve_bundle
 
 if TYPE_CHECKING:
     # Not imported at run time until needed: it loads onnxruntime, which `model list` and
@@ -342,3 +348,135 @@ def model_quantize(
         f"{quantized.ref}: embedding cosine to fp32 mean {parity.mean_cosine:.5f}, "
         f"min {parity.min_cosine:.5f} over {parity.samples} random inputs"
     )
+
+
+@model_app.command("train-demo")
+def model_train_demo(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="New or empty folder for the bundle.")],
+    seed: Annotated[int, typer.Option(help="Seeds the data, the sentence split, the weights.")] = 0,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs; default: the built-in model's run.")
+    ] = None,
+    n_train: Annotated[
+        int | None, typer.Option(min=1, help="Training cases; default: the built-in model's run.")
+    ] = None,
+    n_eval: Annotated[
+        int | None, typer.Option(min=2, help="Held-out cases for the metrics printed at the end.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch threads and rendering processes (default 2).")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Bundle version; default: the UTC date and time.")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Sentence-embedding cache; default $XDG_CACHE_HOME/pacsclip/..."),
+    ] = None,
+    install: Annotated[bool, typer.Option(help="Install the bundle in the registry.")] = False,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Install it and make it the active bundle.")
+    ] = False,
+) -> None:
+    """Train the synthetic demo model on CPU and write a complete bundle (not for clinical use)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        typer.echo(f"error: {out} is not an empty folder: choose a new one", err=True)
+        raise typer.Exit(2)
+    version = version or datetime.now(UTC).strftime("%Y.%m.%d-%H%M%S")
+    # Settings and the version are checked now, not after a long training run.
+    registry = _registry(ctx) if install or activate else None
+    with _exit_on_error():
+        _check_version(version)
+    # Idle OpenMP threads busy-wait, and on a shared 2-core machine they steal the cores the
+    # working threads need; it must be set before torch (and its OpenMP runtime) loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from plugin.demo.packaging import write_demo_bundle
+    from plugin.demo.train import DemoConfig, format_metrics, train_demo
+
+    full = DemoConfig()
+    with _exit_on_error():
+        result = train_demo(
+            out,
+            seed,
+            n_train=full.n_train if n_train is None else n_train,
+            epochs=full.epochs if epochs is None else epochs,
+            threads=full.threads if threads is None else threads,
+            n_eval=full.n_eval if n_eval is None else n_eval,
+            cache_dir=cache_dir,
+            progress=typer.echo,
+        )
+        bundle = write_demo_bundle(out, result, version)
+        typer.echo(format_metrics(result))
+        typer.echo(f"wrote {bundle.ref} to {out}")
+        if registry is not None:
+            ref = registry.install(out, activate=activate)
+            typer.echo(f"installed {ref}{' (active)' if activate else ''}")
+
+
+def _check_version(version: str) -> None:
+    try:
+        TypeAdapter(BundleVersion).validate_python(version)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise BundleError(f"--version: {message}") from exc
+
+
+@model_app.command("eval")
+def model_eval(
+    ctx: typer.Context,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Bundle name; default: the active bundle, else the built-in demo."),
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Default: the active version, else the newest.")
+    ] = None,
+    n_eval: Annotated[int, typer.Option(min=20, help="Held-out synthetic cases.")] = 1200,
+    seed: Annotated[int, typer.Option(help="Seeds the cases, reports and resamples.")] = 0,
+    bootstrap: Annotated[int, typer.Option(min=1, help="Bootstrap resamples.")] = 1000,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads.")] = 2,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the figures; default ./model-eval-NAME-VERSION."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Zero-shot AUROC (95% bootstrap CI), calibration and retrieval on held-out phantoms."""
+    if version is not None and name is None:
+        typer.echo("error: --version needs the bundle NAME", err=True)
+        raise typer.Exit(2)
+    from plugin.demo.evaluation import evaluate_bundle, format_evaluation, write_figures
+
+    with _exit_on_error():
+        bundle = _bundle_to_evaluate(ctx, name, version)
+        evaluation = evaluate_bundle(
+            bundle,
+            n_eval=n_eval,
+            seed=seed,
+            n_bootstrap=bootstrap,
+            threads=threads,
+            progress=lambda line: typer.echo(line, err=True),
+        )
+    out_dir = out or Path(f"model-eval-{bundle.name}-{bundle.version}")
+    try:
+        figures = write_figures(evaluation, out_dir)
+        data = {**evaluation.as_dict(), "figures": [str(path) for path in figures]}
+        text = json.dumps(data, indent=2) + "\n"
+        (out_dir / "evaluation.json").write_text(text, encoding="utf-8")
+    except OSError as exc:
+        typer.echo(f"error: cannot write the figures to {out_dir}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        _print_json(data)
+        return
+    typer.echo(format_evaluation(evaluation))
+    typer.echo(f"figures: {', '.join(str(path) for path in figures)}")
+
+
+def _bundle_to_evaluate(ctx: typer.Context, name: str | None, version: str | None) -> Bundle:
+    if name is None:
+        from plugin.cli.main import _settings
+
+        return resolve_bundle(_settings(ctx).data_dir)
+    return load_bundle(_registry(ctx).info(name, version).entry.path)

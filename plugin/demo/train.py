@@ -70,7 +70,9 @@ IMAGE_MEAN = 0.5
 IMAGE_STD = 0.25
 MAX_PROMPTS = 24
 MASK_STRIDE = 8  # the image tower's finest pooled map is 1/8 of the input
-_STREAM_TRAIN, _STREAM_EVAL = 1, 2
+# render_cases streams: case i of a stream depends only on (seed, stream, i), so the
+# evaluation cases never overlap the training ones.
+STREAM_TRAIN, STREAM_EVAL = 1, 2
 
 
 @dataclass(frozen=True)
@@ -664,7 +666,7 @@ def recall_at_k(
     return {f"R@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def _finding_prompts(bank: SentenceBank, split: str) -> dict[str, dict[str, list[str]]]:
+def finding_prompts(bank: SentenceBank, split: str) -> dict[str, dict[str, list[str]]]:
     """Per finding, positive and negative prompts; for train, a short deterministic subset."""
     prompts: dict[str, dict[str, list[str]]] = {}
     for name in FINDINGS:
@@ -700,7 +702,7 @@ def evaluate(
     labels = cases.labels()
     metrics: dict[str, Any] = {"n_eval": len(cases)}
     for split, tag in ((HELDOUT, "heldout_prompts"), (TRAIN, "manifest_prompts")):
-        prompts = _finding_prompts(bank, split)
+        prompts = finding_prompts(bank, split)
         probabilities = np.stack(
             [
                 zero_shot_probability(
@@ -743,17 +745,19 @@ def _per_site(
     return result
 
 
+def heldout_reports(cases: CaseSet, bank: SentenceBank, seed: int) -> list[list[str]]:
+    """One short report per case, composed from held-out phrasings (the retrieval queries)."""
+    index = SentenceIndex(bank.select(HELDOUT))
+    rng = np.random.default_rng([seed, 11])
+    return [[index.sentences[i].text for i in index.compose(t, rng)] for t in cases.truths]
+
+
 def _retrieval(
     image_embeds: FloatArray, cases: CaseSet, bank: SentenceBank, text: _TextSpace, seed: int
 ) -> dict[str, Any]:
     """Image<->report retrieval with held-out phrasings; exact-pair and same-findings hits."""
-    index = SentenceIndex(bank.select(HELDOUT))
-    rng = np.random.default_rng([seed, 11])
     reports = np.stack(
-        [
-            ensemble(text.embed([index.sentences[i].text for i in index.compose(truth, rng)]))
-            for truth in cases.truths
-        ]
+        [ensemble(text.embed(report)) for report in heldout_reports(cases, bank, seed)]
     )
     similarity = image_embeds @ reports.T
     keys = cases.label_keys()
@@ -812,10 +816,10 @@ def _train_demo(
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     train_cases = render_cases(
-        config.n_train, config.seed, _STREAM_TRAIN, config.image_size, config.threads
+        config.n_train, config.seed, STREAM_TRAIN, config.image_size, config.threads
     )
     eval_cases = render_cases(
-        config.n_eval, config.seed, _STREAM_EVAL, config.image_size, config.threads
+        config.n_eval, config.seed, STREAM_EVAL, config.image_size, config.threads
     )
     clock["render"] = time.perf_counter() - started
     say(f"rendered {len(train_cases)} training and {len(eval_cases)} evaluation cases")
@@ -879,7 +883,7 @@ def _write_outputs(
     position: Mapping[str, int],
 ) -> dict[str, str]:
     export_image_tower(model.image_tower, out_dir / IMAGE_TOWER_FILE, config.image_size)
-    prompts = _finding_prompts(bank, TRAIN)
+    prompts = finding_prompts(bank, TRAIN)
     arrays: dict[str, FloatArray] = {}
     with torch.no_grad():
         for name in FINDINGS:
@@ -919,7 +923,7 @@ def _result(
     clock: Mapping[str, float],
     train_cases: CaseSet,
 ) -> dict[str, Any]:
-    prompts = _finding_prompts(bank, TRAIN)
+    prompts = finding_prompts(bank, TRAIN)
     n_params = sum(p.numel() for p in model.image_tower.parameters())
     return {
         "name": "pacsclip-demo",
