@@ -97,8 +97,9 @@ class StudyAnalyser:
             paths = _instance_paths(session, study.id)
             destinations = self._destinations(study.routing)
             predecessor = self._predecessor(session, study.id, generation)
+            site = study.site.key  # picks the site's promoted head, if it has one
         datasets = [dcmread(self.settings.spool_dir / p) for p in paths]
-        report = self.model.triage(datasets)
+        report = self.model.triage(datasets, site=site)
         built = self._build(datasets, report, generation, predecessor)
         stored = [self._write(study_uid, obj) for obj in built]
         outcome = self._record(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from plugin.triage import (
     region,
     zero_shot_probabilities,
 )
+from plugin.triage.site_heads import SiteHead, apply_site_head
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class TriageReport:
     images: list[str]  # SOP Instance UIDs scored
     embeddings: NDArray[np.float32]  # [images, D], for similar-case retrieval
     saliency: list[SaliencyOutcome] = field(default_factory=list)
+    site_head: str | None = None  # "site-head-vN" when a promoted site head scored the study
 
     @property
     def notices(self) -> list[str]:
@@ -84,6 +86,8 @@ class TriageReport:
                 "name": self.algorithm_name,
                 "version": self.algorithm_version,
                 "synthetic": self.synthetic,
+                # Only when one scored the study: the usual output keeps its shape.
+                **({"site_head": self.site_head} if self.site_head else {}),
             },
             "notices": self.notices,
             "priority": self.priority,
@@ -107,7 +111,13 @@ class TriageReport:
 class TriageModel:
     """A bundle ready to score studies: encoder session, prompts, calibration, priority."""
 
-    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        threads: int | None = None,
+        site_heads: Mapping[str, tuple[int, SiteHead]] | None = None,
+    ) -> None:
         manifest = bundle.manifest
         self.bundle = bundle
         self.spec = ImageSpec.from_manifest(manifest.image.model_dump())
@@ -125,6 +135,9 @@ class TriageModel:
         )
         self.logit_scale = manifest.logit_scale
         self.head = _load_head(bundle)
+        # Promoted site-adapted heads (site key -> (version, head)): they replace the scores of
+        # their findings for studies of that site only (plugin/triage/site_heads.py).
+        self.site_heads = dict(site_heads or {})
 
     def display(self, ds: Dataset) -> NDArray[np.float32]:
         """The image as the model's preprocessing shows it (grey in [0, 1])."""
@@ -136,35 +149,60 @@ class TriageModel:
     def finding_names(self) -> list[str]:
         return [p.name for p in self.prompts]
 
-    def probabilities(self, inputs: NDArray[np.float32]) -> NDArray[np.float64]:
+    def probabilities(
+        self, inputs: NDArray[np.float32], site: str | None = None
+    ) -> NDArray[np.float64]:
         """Uncalibrated per-finding probabilities [N, F] of model inputs [N, C, H, W]."""
-        return self.scores(self.encoder.encode(inputs))
+        return self.scores(self.encoder.encode(inputs), site)
 
-    def scores(self, embeds: NDArray[np.float32]) -> NDArray[np.float64]:
-        """Zero-shot probabilities, replaced by the active head's for the findings it has."""
+    def scores(self, embeds: NDArray[np.float32], site: str | None = None) -> NDArray[np.float64]:
+        """Zero-shot probabilities, replaced by the active head's for the findings it has,
+        then by the site's promoted head's for the findings that one has."""
         probs = zero_shot_probabilities(embeds, self.prompts, self.logit_scale)
-        if self.head is None:
-            return probs
-        columns = [self.finding_names.index(name) for name in self.head.findings]
-        if isinstance(self.head, TipAdapter):
-            probs[:, columns] = self.head.predict_proba(embeds, probs[:, columns])
-        else:
-            probs[:, columns] = self.head.predict_proba(embeds)
+        if self.head is not None:
+            columns = [self.finding_names.index(name) for name in self.head.findings]
+            if isinstance(self.head, TipAdapter):
+                probs[:, columns] = self.head.predict_proba(embeds, probs[:, columns])
+            else:
+                probs[:, columns] = self.head.predict_proba(embeds)
+        site_head = self._site_head(site)
+        if site_head is not None:
+            probs = apply_site_head(probs, self.finding_names, site_head[1], embeds)
         return probs
 
-    def triage(self, datasets: Sequence[Dataset], *, saliency: bool = True) -> TriageReport:
+    def _site_head(self, site: str | None) -> tuple[int, SiteHead] | None:
+        return None if site is None else self.site_heads.get(site)
+
+    def _calibration(self, finding: str, site: str | None) -> Calibration:
+        """A site head's outputs are probabilities of their own: the bundle's temperature and
+        bias (fitted on zero-shot scores) do not apply to them; its threshold still does."""
+        calibration = self.calibrations[finding]
+        site_head = self._site_head(site)
+        if site_head is not None and finding in site_head[1].findings:
+            return Calibration(
+                threshold=calibration.threshold,
+                indeterminate_band=calibration.indeterminate_band,
+                fitted_on=calibration.fitted_on,
+            )
+        return calibration
+
+    def triage(
+        self, datasets: Sequence[Dataset], *, saliency: bool = True, site: str | None = None
+    ) -> TriageReport:
+        """Score a study; ``site`` (the study's site key) selects that site's promoted head."""
         images = _images_to_score(datasets)
         if not images:
             raise ValueError("no image in the study can be scored")
         displays = [self.display(ds) for ds in images]
         inputs = np.stack([model_input(d, self.spec) for d in displays])
         embeds = self.encoder.encode(inputs)
-        probs = self.scores(embeds)
+        probs = self.scores(embeds, site)
+        site_head = self._site_head(site)
         pooled = pool_scores(probs, "max")
         best = probs.argmax(axis=0)
         findings = []
         for j, finding in enumerate(self.bundle.manifest.findings):
-            calibration = self.calibrations[finding.name]
+            calibration = self._calibration(finding.name, site)
             calibrated = float(calibration.apply(np.array([pooled[j]]))[0])
             findings.append(
                 FindingOutcome(
@@ -187,9 +225,10 @@ class TriageModel:
             triggered_by=triggered,
             images=[str(ds.SOPInstanceUID) for ds in images],
             embeddings=embeds.astype(np.float32),
+            site_head=None if site_head is None else f"site-head-v{site_head[0]}",
         )
         if saliency:
-            report.saliency.extend(self._saliency(findings, images, displays))
+            report.saliency.extend(self._saliency(findings, images, displays, site))
         return report
 
     def _saliency(
@@ -197,6 +236,7 @@ class TriageModel:
         findings: list[FindingOutcome],
         images: list[Dataset],
         displays: list[NDArray[np.float32]],
+        site: str | None = None,
     ) -> list[SaliencyOutcome]:
         """Heat maps for present or indeterminate findings (the most likely one if none)."""
         shown = [f for f in findings if f.decision != "absent"] or [
@@ -210,7 +250,7 @@ class TriageModel:
 
             def score(batch: NDArray[Any], j: int = column[finding.name]) -> NDArray[Any]:
                 inputs = np.stack([model_input(image, self.spec) for image in batch])
-                return self.probabilities(inputs)[:, j]
+                return self.probabilities(inputs, site)[:, j]
 
             heatmap = occlusion_map(
                 displays[i], score, patch=32, stride=16, max_side=SALIENCY_MAX_SIDE

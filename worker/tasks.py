@@ -28,6 +28,7 @@ from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, repor
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import DestinationConfig, Settings
 from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
+from plugin.triage.site_heads import load_active_site_heads
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class WorkerContext:
     @cached_property
     def analyser(self) -> StudyAnalyser:
         bundle = resolve_bundle(self.settings.data_dir, self.settings.model_bundle)
-        model = TriageModel(bundle, threads=self.settings.inference_threads)
+        # Site heads promoted with `pacsclip adapt promote`; read when the worker starts.
+        site_heads = load_active_site_heads(self.settings.data_dir, bundle.ref)
+        model = TriageModel(bundle, threads=self.settings.inference_threads, site_heads=site_heads)
         logger.info("model %s loaded", bundle.ref)
         return StudyAnalyser(self.settings, self.catalog, model)
 

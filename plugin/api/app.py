@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from plugin.api import retrieval_routes
 from plugin.api.auth import BearerAuth
+from plugin.api.revisit_routes import revisit_router
 from plugin.catalog import repository
 from plugin.catalog.models import Study
 from plugin.metrics import CatalogSnapshot, PacsclipMetrics
@@ -89,6 +90,7 @@ def create_app(
         response_class=FileResponse,
     )
     app.include_router(retrieval_routes.router(auth))
+    app.include_router(revisit_router(settings, sessions), dependencies=auth)
     # Unauthenticated like most scrape targets: counts and durations only, no patient data.
     app.add_api_route("/metrics", render_metrics, methods=["GET"], include_in_schema=False)
     return app

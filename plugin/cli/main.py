@@ -9,8 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
+from plugin.cli.adapt_cmd import adapt_app
 from plugin.cli.model_cmd import model_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
+from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
 from plugin.errors import ConfigError
 from plugin.logs import configure_logging
@@ -30,6 +32,8 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(model_app, name="model")
+app.add_typer(revisit_app, name="revisit")
+app.add_typer(adapt_app, name="adapt")
 app.command()(triage)
 app.add_typer(index_app, name="index")
 app.add_typer(report_app, name="report")
