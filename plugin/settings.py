@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8080, ge=0, le=65535)
     api_token: SecretStr | None = None
+    # A study's linked-encounter revisit risk at or above this is flagged on the worklist.
+    revisit_flag_threshold: float = Field(0.5, ge=0.0, le=1.0)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
     hl7_host: str | None = None

@@ -127,9 +127,14 @@ def list_studies(
     session: DbSession,
     state: StudyState | None = None,
     priority: Priority | None = None,
+    revisit_flagged: Annotated[
+        bool | None, Query(description="Only studies with (or without) a flagged revisit risk.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[dict[str, Any]]:
-    return repository.list_studies(session, state=state, priority=priority, limit=limit)
+    return repository.list_studies(
+        session, state=state, priority=priority, revisit_flagged=revisit_flagged, limit=limit
+    )
 
 
 def get_study(study_uid: str, session: DbSession, ctx: Context) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 ``POST /api/revisit/score``: a JSON list of encounters (``encounter_id``, ``note_text``,
 optional ``site`` and ``triage_<finding>`` scores) -> each one's 7-day revisit risk, with the
-model's name and version. ``GET /api/sites/drift``: per-site drift of the stored embeddings.
+model's name and version. ``POST /api/studies/{uid}/encounters``: one encounter linked to a
+study; its risk is stored with the study's results and flagged for the worklist.
+``GET /api/sites/drift``: per-site drift of the stored embeddings.
 Built by :func:`revisit_router` from explicit inputs; ``create_app`` mounts it behind the same
 bearer-token dependency as the other routes.
 """
@@ -93,7 +95,7 @@ def revisit_router(settings: Settings, sessions: sessionmaker[Session]) -> APIRo
         try:
             table = encounters_from_records(records, require_labels=False)
         except CohortFileError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(exc)) from exc
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
         spec = chosen.features
         try:
             documents = extractors.documents(
@@ -104,9 +106,38 @@ def revisit_router(settings: Settings, sessions: sessionmaker[Session]) -> APIRo
         try:
             risks = score_encounters(chosen, table, documents)
         except RevisitError as exc:  # e.g. a triage column the model uses is missing
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, detail=str(exc)) from exc
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
         logger.info("revisit scores: %d encounters, model v%s", len(risks), chosen.version)
         return risks_document(chosen, risks)
+
+    @router.post("/api/studies/{study_uid}/encounters", status_code=status.HTTP_201_CREATED)
+    def link_encounter(study_uid: str, encounter: EncounterIn) -> dict[str, Any]:
+        """An ER encounter of this study's patient: its revisit risk joins the study's
+        results (``GET /api/studies/{uid}``), flagged at ``revisit_flag_threshold``."""
+        from plugin.revisit.model import ModelNotFound
+        from plugin.revisit.study_link import StudyNotFound, score_study_encounter
+
+        def extract(notes: list[str], model: Any) -> list[frozenset[str]]:
+            spec = model.features
+            return extractors.documents(notes, spec.splitter, spec.negated_features)
+
+        try:
+            stored = score_study_encounter(
+                sessions,
+                data_dir,
+                study_uid,
+                encounter.model_dump(),
+                extract,
+                settings.revisit_flag_threshold,
+            )
+        except (StudyNotFound, ModelNotFound) as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from exc
+        except CohortFileError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        except RevisitError as exc:  # medspacy missing, or a triage column the model needs
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        logger.info("revisit risk linked to a study: flagged=%s", stored["flagged"])
+        return stored
 
     @router.get("/api/sites/drift")
     def drift(

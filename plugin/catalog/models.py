@@ -250,3 +250,22 @@ class ReportEmbedding(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     report: Mapped[StudyReport] = relationship()
+
+
+class RevisitScore(Base):
+    """A 7-day ER revisit risk for an encounter linked to a study (no note text is kept)."""
+
+    __tablename__ = "revisit_score"
+    __table_args__ = (UniqueConstraint("study_id", "encounter_id", "algorithm_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    encounter_id: Mapped[str] = mapped_column(String(128))
+    risk: Mapped[float]
+    flagged: Mapped[bool] = mapped_column(index=True)
+    threshold: Mapped[float]
+    algorithm_name: Mapped[str] = mapped_column(String(64))
+    algorithm_version: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(32))
+    triage_linked: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -17,11 +17,13 @@ from plugin.catalog.models import (
     Instance,
     QuarantineEntry,
     ResultObject,
+    RevisitScore,
     Series,
     Study,
     utcnow,
 )
 from plugin.catalog.records import Peer
+from plugin.notices import NOT_FOR_DIAGNOSIS
 from plugin.study_state import StudyState, transition
 
 
@@ -192,6 +194,7 @@ def list_studies(
     *,
     state: str | None = None,
     priority: str | None = None,
+    revisit_flagged: bool | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     counts = (
@@ -210,6 +213,9 @@ def list_studies(
         query = query.where(Study.state == state)
     if priority:
         query = query.where(Study.priority == priority)
+    if revisit_flagged is not None:
+        flagged = select(RevisitScore.study_id).where(RevisitScore.flagged.is_(True))
+        query = query.where(Study.id.in_(flagged) if revisit_flagged else Study.id.not_in(flagged))
     return [_study_summary(study, n) for study, n in session.execute(query).all()]
 
 
@@ -245,8 +251,32 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
         expected_instances=study.expected_instances,
         routing=study.routing,
         series=series,
+        revisit=study_revisit(session, study.id),
     )
     return detail
+
+
+def study_revisit(session: Session, study_id: int) -> list[dict[str, Any]]:
+    """Revisit risks of encounters linked to the study, newest first."""
+    rows = session.scalars(
+        select(RevisitScore)
+        .where(RevisitScore.study_id == study_id)
+        .order_by(RevisitScore.created_at.desc(), RevisitScore.id.desc())
+    )
+    return [
+        {
+            "encounter_id": r.encounter_id,
+            "risk": round(r.risk, 4),
+            "flagged": r.flagged,
+            "threshold": r.threshold,
+            "algorithm": {"name": r.algorithm_name, "version": r.algorithm_version},
+            "method": r.method,
+            "triage_linked": r.triage_linked,
+            "notices": [NOT_FOR_DIAGNOSIS],
+            "scored_at": r.created_at.isoformat(),
+        }
+        for r in rows
+    ]
 
 
 def list_quarantine(session: Session, *, limit: int = 100) -> list[dict[str, Any]]:

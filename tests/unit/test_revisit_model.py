@@ -299,3 +299,90 @@ def test_api_scores_encounters_behind_the_token(
     assert [r["encounter_id"] for r in document["risks"]] == ["E1", "E2"]
     assert 0.0 < document["risks"][0]["risk"] < 1.0
     assert unknown.status_code == 422
+
+
+def test_encounter_linked_to_a_study_joins_its_results_and_flags_the_worklist(
+    tmp_path: Path, encounters: Encounters, documents: list[frozenset[str]]
+) -> None:
+    from plugin.catalog.models import Analysis, Site, Study
+
+    # A model that uses the pneumothorax triage score of the linked study.
+    rows = _rows(Path(encounters.source))
+    for i, row in enumerate(rows):
+        row["triage_pneumothorax"] = f"{(i % 10) / 10:.1f}"
+    with_triage = read_encounters(_write(tmp_path / "t.csv", rows), require_labels=True)
+    spec = FeatureSpec.fit(documents, list(with_triage.triage), k=1001)
+    model = fit_revisit_model(
+        with_triage, documents, TARGET, "source-only", features=spec, config=TrainConfig(epochs=3)
+    )
+    ModelStore.for_data_dir(tmp_path).save(model)
+    catalog = open_catalog(f"sqlite:///{tmp_path}/c.sqlite3")
+    with catalog.sessions.begin() as session:
+        site = Site(key="er")
+        for uid, pneumothorax in (("1.2.1", 0.9), ("1.2.2", 0.1), ("1.2.3", None)):
+            study = Study(study_instance_uid=uid, site=site, state="analysed", calling_ae_title="X")
+            session.add(study)
+            session.flush()
+            if pneumothorax is not None:
+                session.add(
+                    Analysis(
+                        study_id=study.id,
+                        generation=1,
+                        algorithm_name="demo",
+                        algorithm_version="1",
+                        synthetic=True,
+                        priority="routine",
+                        triggered_by=[],
+                        findings=[{"name": "pneumothorax", "probability": pneumothorax}],
+                    )
+                )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    note = encounters.notes[0]
+    # The threshold sits between the two studies' risks so that exactly one is flagged.
+    probe = Settings(data_dir=tmp_path, api_token=TOKEN, revisit_flag_threshold=1.0)
+    client = TestClient(create_app(probe, catalog.sessions, PacsclipMetrics()))
+    risks = {
+        uid: client.post(
+            f"/api/studies/{uid}/encounters",
+            json={"encounter_id": "E1", "note_text": note},
+            headers=auth,
+        ).json()["risk"]
+        for uid in ("1.2.1", "1.2.2")
+    }
+    assert risks["1.2.1"] != risks["1.2.2"]  # the study's own triage score is a feature
+    threshold = (risks["1.2.1"] + risks["1.2.2"]) / 2
+    settings = Settings(data_dir=tmp_path, api_token=TOKEN, revisit_flag_threshold=threshold)
+    client = TestClient(create_app(settings, catalog.sessions, PacsclipMetrics()))
+
+    stored = [
+        client.post(
+            f"/api/studies/{uid}/encounters",
+            json={"encounter_id": "E1", "note_text": note},
+            headers=auth,
+        )
+        for uid in ("1.2.1", "1.2.2")
+    ]
+
+    assert [r.status_code for r in stored] == [201, 201]
+    assert stored[0].json()["triage_linked"] == ["pneumothorax"]
+    assert stored[0].json()["algorithm"]["name"] == ALGORITHM_NAME
+    higher = max(risks, key=lambda uid: risks[uid])
+    flagged = client.get("/api/studies?revisit_flagged=true", headers=auth).json()
+    assert [s["study_instance_uid"] for s in flagged] == [higher]
+    detail = client.get(f"/api/studies/{higher}", headers=auth).json()
+    # Posted twice (probe, then real threshold): one stored score per encounter and model.
+    [revisit] = detail["revisit"]
+    assert revisit["flagged"] and revisit["encounter_id"] == "E1"
+    assert revisit["risk"] == pytest.approx(risks[higher], abs=1e-4)
+    assert "not for diagnosis" in revisit["notices"][0].lower()
+    # A study with no analysis lacks the score the model uses: a clear 422, nothing stored.
+    missing = client.post(
+        "/api/studies/1.2.3/encounters",
+        json={"encounter_id": "E1", "note_text": note},
+        headers=auth,
+    )
+    assert missing.status_code == 422 and "triage_pneumothorax" in missing.text
+    unknown = client.post(
+        "/api/studies/9.9/encounters", json={"encounter_id": "E1", "note_text": note}, headers=auth
+    )
+    assert unknown.status_code == 404
