@@ -82,7 +82,7 @@ class DemoConfig:
     seed: int = 0
     n_train: int = 8000
     n_eval: int = 1200
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 64
     image_size: int = 128
     embedding_dim: int = 128

@@ -19,7 +19,7 @@ from plugin.models.bundle import (
     sha256_file,
     write_manifest,
 )
-from plugin.models.registry import Registry, RegistryError
+from plugin.models.registry import Registry, RegistryError, builtin_bundle_dirs
 from tests.models_fixtures import (
     TinyImageTower,
     build_bundle,
@@ -259,7 +259,8 @@ def test_cli_install_list_info_activate(tmp_path: Path, bundle_dir: Path) -> Non
     code, before = cli(data, "list")
     assert code == 0
     # Only the demo bundle shipped inside the package is known before anything is installed.
-    assert [line.split()[0] for line in before.splitlines()] == ["pacsclip-demo@2026.11.0"]
+    demo_version = json.loads((builtin_bundle_dirs()[0] / "bundle.json").read_text())["version"]
+    assert [line.split()[0] for line in before.splitlines()] == [f"pacsclip-demo@{demo_version}"]
     assert "built-in synthetic" in before
     code, out = cli(data, "install", str(bundle_dir), "--activate")
     assert (code, out) == (0, "installed tiny-clip@1.0.0 (active)\n")

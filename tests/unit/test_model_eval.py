@@ -16,7 +16,7 @@ from plugin.demo import evaluation as ev
 from plugin.demo import train
 from plugin.demo.phantom import FINDINGS
 from plugin.models.bundle import SYNTHETIC_NOTICE
-from plugin.models.registry import Registry
+from plugin.models.registry import Registry, builtin_bundle_dirs
 from tests.models_fixtures import (
     TinyImageTower,
     TinyTextTower,
@@ -206,7 +206,8 @@ def test_the_cli_evaluates_the_built_in_bundle(tmp_path: Path) -> None:
 
     assert code == 0, output
     data = json.loads(stdout)
-    assert data["bundle"] == "pacsclip-demo@2026.11.0"
+    built_in = json.loads((builtin_bundle_dirs()[0] / "bundle.json").read_text())
+    assert data["bundle"] == f"pacsclip-demo@{built_in['version']}"
     assert SYNTHETIC_NOTICE in data["notices"]
     assert (data["n_eval"], data["bootstrap"]["resamples"]) == (200, 100)
     assert list(data["findings"]) == list(FINDINGS)

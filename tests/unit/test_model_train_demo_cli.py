@@ -105,9 +105,10 @@ def test_the_built_in_bundle_json_is_what_train_demo_writes_for_its_result() -> 
     result = read_train_result(DEMO_BUNDLE_DIR)
     assert result is not None
 
-    manifest = demo_manifest(result, "2026.11.0", DEMO_BUNDLE_DIR)
-
     built_in = json.loads((DEMO_BUNDLE_DIR / "bundle.json").read_text())
+
+    manifest = demo_manifest(result, built_in["version"], DEMO_BUNDLE_DIR)
+
     assert manifest.model_dump(mode="json") == built_in
 
 
