@@ -64,8 +64,9 @@ class OrthancServer:
             self._workdir = Path(self._tempdir.name)
         workdir = self._workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = self.fixed_ports[0] or free_port(), (
-            self.fixed_ports[1] or free_port()
+        self.http_port, self.dicom_port = (
+            self.fixed_ports[0] or free_port(),
+            (self.fixed_ports[1] or free_port()),
         )
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
