@@ -22,8 +22,9 @@ from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.models import Instance, Series, Study
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
+from plugin.models.projection import text_encoder
 from plugin.models.registry import resolve_bundle
-from plugin.retrieval.service import NoTextTower, RetrievalService, service_for
+from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import DestinationConfig, Settings
@@ -57,7 +58,13 @@ class WorkerContext:
 
     @cached_property
     def retrieval(self) -> RetrievalService:
-        return service_for(self.settings, self.catalog.sessions)
+        # The analyser's bundle, loaded and checksummed once: indexes and triage must agree.
+        return RetrievalService(
+            self.settings.data_dir,
+            self.catalog.sessions,
+            lambda: self.analyser.model.bundle,
+            lambda bundle: text_encoder(bundle, threads=self.settings.inference_threads),
+        )
 
     def keep_reports(self, study_uid: str) -> None:
         """Store and index the text of reports (SRs from the PACS) that came with the study.

@@ -256,6 +256,29 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
     return detail
 
 
+def latest_findings(
+    session: Session, study_ids: Sequence[int], *, algorithm: tuple[str, str] | None = None
+) -> dict[int, dict[str, float]]:
+    """Per study, the finding probabilities of its newest analysis (of one algorithm's
+    name and version, when given)."""
+    query = (
+        select(Analysis.study_id, Analysis.findings)
+        .where(Analysis.study_id.in_(list(study_ids)))
+        .order_by(Analysis.generation, Analysis.id)
+    )
+    if algorithm is not None:
+        name, version = algorithm
+        query = query.where(Analysis.algorithm_name == name, Analysis.algorithm_version == version)
+    latest: dict[int, dict[str, float]] = {}
+    for study_id, findings in session.execute(query):
+        latest[study_id] = {
+            str(f["name"]): float(f["probability"])  # type: ignore[arg-type]
+            for f in findings
+            if "name" in f and "probability" in f
+        }
+    return latest
+
+
 def study_revisit(session: Session, study_id: int) -> list[dict[str, Any]]:
     """Revisit risks of encounters linked to the study, newest first."""
     rows = session.scalars(

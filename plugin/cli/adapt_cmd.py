@@ -9,8 +9,6 @@ worse than what the site uses now; ``drift`` says how separable each site's embe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,7 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from plugin.errors import ConfigError, PacsclipError
+from plugin.cli.errors import exit_on_error
+from plugin.errors import ConfigError
 
 if TYPE_CHECKING:
     from plugin.catalog.embeddings import StoredEmbeddings
@@ -41,22 +40,13 @@ LabelsOption = Annotated[
 ]
 
 
-@contextmanager
-def _exit_on_error() -> Iterator[None]:
-    try:
-        yield
-    except (PacsclipError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
 def _context(ctx: typer.Context, bundle_dir: Path | None) -> tuple[Settings, Bundle]:
     # Imported here: plugin.cli.main imports this module while it loads.
     from plugin.cli.main import _settings
     from plugin.models.registry import resolve_bundle
 
     settings = _settings(ctx)
-    with _exit_on_error():
+    with exit_on_error(ValueError):
         return settings, resolve_bundle(settings.data_dir, bundle_dir)
 
 
@@ -108,7 +98,7 @@ def adapt_triage(
             err=True,
         )
         raise typer.Exit(2)
-    with _exit_on_error():
+    with exit_on_error(ValueError):
         stored = _embeddings(settings, model.ref)
         _known_site(stored, target_site)
         image_labels = read_image_labels(labels, [f.name for f in model.findings])
@@ -175,7 +165,7 @@ def adapt_promote(
 
     settings, model = _context(ctx, bundle)
     registry = SiteHeadRegistry.for_data_dir(settings.data_dir, model.ref)
-    with _exit_on_error():
+    with exit_on_error(ValueError):
         entry = registry.entry(head)
         if entry.site != site:
             raise SiteHeadError(f"site head {head} was trained for {entry.site!r}, not {site!r}")
@@ -259,7 +249,7 @@ def adapt_drift(
     from plugin.drift import drift_document
 
     settings = _settings(ctx)
-    with _exit_on_error(), _open_sessions(settings)() as session:
+    with exit_on_error(ValueError), _open_sessions(settings)() as session:
         document = drift_document(session, model_ref, folds=folds, max_rows=max_rows)
     if as_json:
         typer.echo(json.dumps(document, indent=2))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from plugin.errors import PacsclipError
+from plugin.cli.errors import exit_on_error
 from plugin.models.bundle import (
     SYNTHETIC_NOTICE,
     Bundle,
@@ -49,16 +47,6 @@ def _registry(ctx: typer.Context) -> Registry:
     return Registry.for_data_dir(_settings(ctx).data_dir)
 
 
-@contextmanager
-def _exit_on_error() -> Iterator[None]:
-    """Map the core's errors to exit code 2 with their message (which says what to fix)."""
-    try:
-        yield
-    except PacsclipError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-
-
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
@@ -67,7 +55,7 @@ def _print_json(data: Any) -> None:
 def model_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Installed and built-in bundles; the active one is marked with '*'."""
     registry = _registry(ctx)
-    with _exit_on_error():
+    with exit_on_error():
         entries = registry.list()
     if as_json:
         _print_json([e.as_dict() for e in entries])
@@ -92,7 +80,7 @@ def model_info(
 ) -> None:
     """Manifest summary, model card, findings and checksums (exit 1 when a checksum fails)."""
     registry = _registry(ctx)
-    with _exit_on_error():
+    with exit_on_error():
         report = registry.info(name, version)
     if as_json:
         _print_json(_report_json(report))
@@ -168,7 +156,7 @@ def model_install(
 ) -> None:
     """Verify a bundle's checksums and copy it into the registry."""
     registry = _registry(ctx)
-    with _exit_on_error():
+    with exit_on_error():
         ref = registry.install(directory, activate=activate)
     typer.echo(f"installed {ref}{' (active)' if activate else ''}")
 
@@ -177,7 +165,7 @@ def model_install(
 def model_activate(ctx: typer.Context, name: str, version: str) -> None:
     """Make NAME VERSION the bundle the workers use (checksums are verified first)."""
     registry = _registry(ctx)
-    with _exit_on_error():
+    with exit_on_error():
         bundle = registry.activate(name, version)
     typer.echo(f"active model: {bundle.ref}")
 
@@ -211,7 +199,7 @@ def model_import_onnx(
     from plugin.models.runtime import OnnxImport
 
     registry = _registry(ctx)
-    with _exit_on_error():
+    with exit_on_error():
         spec_image = validate_model(
             ImageSpec,
             {
@@ -297,7 +285,7 @@ def model_calibrate(
     from plugin.models.tuning import calibrate
 
     directory = _writable_bundle(ctx, bundle)
-    with _exit_on_error():
+    with exit_on_error():
         manifest = calibrate(directory, labels, threads=threads)
     for finding in manifest.findings:
         c = finding.calibration
@@ -321,7 +309,7 @@ def model_fit_head(
     from plugin.models.tuning import fit_head
 
     directory = _writable_bundle(ctx, bundle)
-    with _exit_on_error():
+    with exit_on_error():
         head = fit_head(directory, labels, kind=kind, activate=activate, threads=threads)
     state = "active" if activate else "stored, not active"
     typer.echo(f"head {head.name}-v{head.version} for {', '.join(head.findings)} ({state})")
@@ -337,7 +325,7 @@ def model_quantize(
     """Make an int8 (dynamic quantisation) copy of a bundle and report the parity it loses."""
     from plugin.models.quantize import quantize_bundle
 
-    with _exit_on_error():
+    with exit_on_error():
         try:
             quantized, parity = quantize_bundle(bundle, dest)
         except FileExistsError as exc:
@@ -386,7 +374,7 @@ def model_train_demo(
     version = version or datetime.now(UTC).strftime("%Y.%m.%d-%H%M%S")
     # Settings and the version are checked now, not after a long training run.
     registry = _registry(ctx) if install or activate else None
-    with _exit_on_error():
+    with exit_on_error():
         _check_version(version)
     # Idle OpenMP threads busy-wait, and on a shared 2-core machine they steal the cores the
     # working threads need; it must be set before torch (and its OpenMP runtime) loads.
@@ -395,7 +383,7 @@ def model_train_demo(
     from plugin.demo.train import DemoConfig, format_metrics, train_demo
 
     full = DemoConfig()
-    with _exit_on_error():
+    with exit_on_error():
         result = train_demo(
             out,
             seed,
@@ -448,7 +436,7 @@ def model_eval(
         raise typer.Exit(2)
     from plugin.demo.evaluation import evaluate_bundle, format_evaluation, write_figures
 
-    with _exit_on_error():
+    with exit_on_error():
         bundle = _bundle_to_evaluate(ctx, name, version)
         evaluation = evaluate_bundle(
             bundle,

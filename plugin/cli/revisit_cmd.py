@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from plugin.errors import PacsclipError
+from plugin.cli.errors import exit_on_error
 
 if TYPE_CHECKING:
     from plugin.adaptation import Method, Results
@@ -45,16 +43,6 @@ KOption = Annotated[int, typer.Option("--k", help="Most frequent concepts kept a
 SplitterOption = Annotated[
     str, typer.Option(help="Sentence splitter of the extractor: punctuation or pyrush.")
 ]
-
-
-@contextmanager
-def _exit_on_error() -> Iterator[None]:
-    """The core's errors (bad columns, unknown site, no model) become a message and exit 2."""
-    try:
-        yield
-    except PacsclipError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 def _data_dir(ctx: typer.Context) -> Path:
@@ -128,7 +116,7 @@ def revisit_train(
 
     chosen, split = _method(method), _splitter(splitter)
     store = ModelStore.for_data_dir(_data_dir(ctx))
-    with _exit_on_error():
+    with exit_on_error():
         table = read_encounters(encounters, require_labels=True)
         if target_site not in table.site_names():  # before minutes of extraction
             raise RevisitError(
@@ -214,7 +202,7 @@ def revisit_eval(
             elapsed = time.perf_counter() - started
             typer.echo(f"  target {run.target_site} done, {elapsed:.0f} s", err=True)
 
-    with _exit_on_error():
+    with exit_on_error():
         table = read_encounters(encounters, require_labels=True)
         typer.echo(f"extracting concepts from {len(table)} notes", err=True)
         documents = NoteConcepts(split).documents(table.notes)
@@ -291,7 +279,7 @@ def revisit_score(
     from plugin.revisit.features import NoteConcepts
     from plugin.revisit.model import ModelStore, load_artefact, risks_document, score_encounters
 
-    with _exit_on_error():
+    with exit_on_error():
         chosen = (
             load_artefact(Path(model))
             if model is not None and Path(model).is_dir()

@@ -24,7 +24,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from plugin.catalog.models import (
-    Analysis,
     ImageEmbedding,
     ReportEmbedding,
     Series,
@@ -32,8 +31,9 @@ from plugin.catalog.models import (
     Study,
     StudyReport,
 )
+from plugin.catalog.repository import latest_findings
 from plugin.models.bundle import Bundle
-from plugin.retrieval.index import Hit, RetrievalError, Vectors
+from plugin.retrieval.index import Hit, RetrievalError, VectorIndex, Vectors
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import Settings
 
@@ -174,7 +174,11 @@ class RetrievalService:
                 )
             return self._encoder
 
-    def _index(self, kind: Kind) -> Any:
+    @property
+    def _algorithm(self) -> tuple[str, str]:
+        return self.bundle.manifest.name, self.bundle.manifest.version
+
+    def _index(self, kind: Kind) -> VectorIndex:
         return self.store.current(kind, self.bundle.ref, self.bundle.manifest.embedding_dim)
 
     # -- queries -----------------------------------------------------------------------------
@@ -337,7 +341,7 @@ class RetrievalService:
         with self.sessions() as session:
             allowed = set(session.scalars(query))
             if filters.finding is not None and allowed:
-                latest = _latest_findings(session, self.bundle, allowed)
+                latest = latest_findings(session, list(allowed), algorithm=self._algorithm)
                 allowed = {
                     study
                     for study, probabilities in latest.items()
@@ -407,7 +411,12 @@ class RetrievalService:
                     )
                 )
             }
-            findings = _latest_findings(session, self.bundle, ids)
+            findings = {
+                study: {name: round(p, 4) for name, p in probabilities.items()}
+                for study, probabilities in latest_findings(
+                    session, ids, algorithm=self._algorithm
+                ).items()
+            }
         out = []
         for study_id, similarity, key in ranked:
             study = studies[study_id]
@@ -489,29 +498,6 @@ def _modalities(session: Session, study_ids: Iterable[int]) -> dict[int, str]:
         if modality:
             out.setdefault(study_id, set()).add(modality)
     return {study: "\\".join(sorted(values)) for study, values in out.items()}
-
-
-def _latest_findings(
-    session: Session, bundle: Bundle, study_ids: Iterable[int]
-) -> dict[int, dict[str, float]]:
-    """Per study, the finding probabilities of this model's latest analysis."""
-    query = (
-        select(Analysis.study_id, Analysis.findings)
-        .where(
-            Analysis.study_id.in_(list(study_ids)),
-            Analysis.algorithm_name == bundle.manifest.name,
-            Analysis.algorithm_version == bundle.manifest.version,
-        )
-        .order_by(Analysis.generation)
-    )
-    latest: dict[int, dict[str, float]] = {}
-    for study_id, findings in session.execute(query):
-        latest[study_id] = {
-            str(f["name"]): round(float(f["probability"]), 4)  # type: ignore[arg-type]
-            for f in findings
-            if "name" in f and "probability" in f
-        }
-    return latest
 
 
 def _excerpt(text: str) -> str:

@@ -18,7 +18,6 @@ site's case mix, and are never a diagnosis.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ from plugin.adaptation import (
 from plugin.adaptation.models import DannNetwork, Standardiser
 from plugin.concepts import ConceptVocabulary, VocabularyFileError
 from plugin.durable import fsync_dir
+from plugin.models.bundle import sha256_file
 from plugin.notices import NOT_FOR_DIAGNOSIS
 from plugin.revisit.encounters import Encounters, FloatArray
 from plugin.revisit.features import FeatureSpec, RevisitError
@@ -307,7 +307,7 @@ def _write_artefact(model: RevisitModel, folder: Path) -> None:
         "features": model.features.to_json(),
         "architecture": architecture,
         "training": model.training,
-        "files": {name: _sha256(folder / name) for name in (STATE_FILE, VOCABULARY_FILE)},
+        "files": {name: sha256_file(folder / name) for name in (STATE_FILE, VOCABULARY_FILE)},
     }
     path = folder / MANIFEST_FILE
     path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -329,7 +329,7 @@ def load_artefact(folder: Path) -> RevisitModel:
         raise RevisitError(f"{folder} is not a {MODEL_FORMAT} v{MODEL_FORMAT_VERSION} model folder")
     try:
         for name, expected in manifest["files"].items():
-            if _sha256(folder / name) != expected:
+            if sha256_file(folder / name) != expected:
                 raise RevisitError(f"{folder / name} does not match its checksum: retrain")
         vocabulary = ConceptVocabulary.load(folder / VOCABULARY_FILE)
         state = torch.load(folder / STATE_FILE, weights_only=True)
@@ -398,14 +398,6 @@ def _restore(
     network.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     network.eval()
     return NeuralModel(method, network, scaler, log)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from plugin.catalog.models import Analysis, RevisitScore, Study
+from plugin.catalog.models import RevisitScore, Study
+from plugin.catalog.repository import latest_findings
 from plugin.notices import NOT_FOR_DIAGNOSIS
 from plugin.revisit.encounters import TRIAGE_PREFIX, encounters_from_records
 from plugin.revisit.features import RevisitError
@@ -27,19 +28,8 @@ class StudyNotFound(RevisitError):
 
 def latest_triage(session: Session, study_id: int) -> dict[str, float]:
     """The study's newest analysis, as ``triage_<finding>`` probabilities."""
-    analysis = session.scalar(
-        select(Analysis)
-        .where(Analysis.study_id == study_id)
-        .order_by(Analysis.generation.desc(), Analysis.id.desc())
-        .limit(1)
-    )
-    if analysis is None:
-        return {}
-    return {
-        f"{TRIAGE_PREFIX}{f['name']}": float(f["probability"])  # type: ignore[arg-type]
-        for f in analysis.findings
-        if "name" in f and "probability" in f
-    }
+    findings = latest_findings(session, [study_id]).get(study_id, {})
+    return {f"{TRIAGE_PREFIX}{name}": p for name, p in findings.items()}
 
 
 def score_study_encounter(
