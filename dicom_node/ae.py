@@ -16,9 +16,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, StoragePresentationContexts, _config
+from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from plugin.dicom_logging import quiet_identifiers
 from plugin.settings import Settings
 
 # Stored exactly as received: the node never transcodes.
@@ -36,13 +37,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
 ]
-
-
-def quiet_identifiers() -> None:
-    """Keep pynetdicom from logging datasets, which carry patient data."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"
 
 
 def build_ae(settings: Settings) -> AE:

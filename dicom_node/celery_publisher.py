@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.publish import StudyCompleted
 from plugin.catalog import repository
 from plugin.study_state import StudyState
-from plugin.task_names import ANALYSE_STUDY
+from plugin.task_queue import ANALYSE_STUDY, STAT_QUEUE, analysis_queue
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class CeleryPublisher:
         if not event.pipelines:
             logger.info("study %s: routing runs no pipeline", event.study_instance_uid)
             return
-        queue = "stat" if event.priority == "stat" else "routine"
+        queue = analysis_queue(event.priority)
         # Queued before the send: a fast worker may finish before this returns. If the send
         # fails, the node's requeue check sends the study again later.
         with self.sessions() as session:
@@ -36,7 +36,7 @@ class CeleryPublisher:
             ANALYSE_STUDY,
             args=[event.study_instance_uid, event.generation],
             queue=queue,
-            priority=9 if queue == "stat" else 0,
+            priority=9 if queue == STAT_QUEUE else 0,
         )
         logger.info(
             "study %s generation %d queued on %s",

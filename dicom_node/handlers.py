@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
-from collections.abc import Callable
 from io import BytesIO
 from typing import cast
 
 from pydicom import Dataset
-from pynetdicom import events
+from pynetdicom import events, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from dicom_node import status
-from dicom_node.completion import CompletionTracker
-from dicom_node.received import InvalidObject, inspect_dataset, read_header
-from dicom_node.receiver import Receiver
+from dicom_node.intake import Receiver
+from dicom_node.intake_events import (
+    AssociationClosed,
+    AssociationKey,
+    AssociationOpened,
+    AssociationRejected,
+    EventSink,
+)
+from dicom_node.object_checks import InvalidObject, inspect_dataset, read_header
 from dicom_node.security import CallerPolicy
+from plugin import dicom_status as status
 from plugin.catalog.records import Peer
 
 logger = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+def association_key(event: events.Event) -> AssociationKey:
+    return (os.getpid(), id(event.assoc))
 
 
 def _peer(event: events.Event) -> Peer:
@@ -57,12 +67,12 @@ def handle_store(event: events.Event, receiver: Receiver) -> int | Dataset:
             sop_instance_uid=sop_instance_uid,
         )
     # The bytes as received, with a file meta header: no decode, no transcoding.
-    return receiver.accept(obj, event.encoded_dataset(include_meta=True), peer, id(event.assoc))
+    return receiver.accept(
+        obj, event.encoded_dataset(include_meta=True), peer, association_key(event)
+    )
 
 
-def handle_association_request(
-    event: events.Event, policy: CallerPolicy, record: Callable[[Peer], None]
-) -> None:
+def handle_association_request(event: events.Event, policy: CallerPolicy, sink: EventSink) -> None:
     primitive = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
     calling = primitive.calling_ae_title.strip()
     peer = Peer(calling_ae_title=calling, host=event.assoc.requestor.address)
@@ -72,19 +82,35 @@ def handle_association_request(
         # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is
         # on the wire before the server closes the socket.
         event.assoc.kill()
-        record(peer)
+        sink.put(AssociationRejected(peer))
 
 
-def handle_connection_open(event: events.Event, tracker: CompletionTracker) -> None:
+def handle_connection_open(event: events.Event) -> None:
     # Responses are small writes; without TCP_NODELAY each one can wait for a delayed ACK.
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tracker.association_started(id(event.assoc))
 
 
-def handle_connection_close(
-    event: events.Event, tracker: CompletionTracker, clock: Callable[[], float]
-) -> None:
-    tracker.association_ended(id(event.assoc), clock())
+def handle_accepted(event: events.Event, sink: EventSink) -> None:
+    sink.put(AssociationOpened(association_key(event), _peer(event).calling_ae_title))
+
+
+def handle_connection_close(event: events.Event, sink: EventSink) -> None:
+    # Also for associations never accepted: the node ignores keys it does not know.
+    sink.put(AssociationClosed(association_key(event)))
+
+
+def store_handlers(
+    receiver: Receiver, policy: CallerPolicy, sink: EventSink
+) -> list[evt.EventHandlerType]:
+    """The receiving side's handlers, bound to their dependencies."""
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [receiver]),
+        (evt.EVT_REQUESTED, handle_association_request, [policy, sink]),
+        (evt.EVT_CONN_OPEN, handle_connection_open),
+        (evt.EVT_ACCEPTED, handle_accepted, [sink]),
+        (evt.EVT_CONN_CLOSE, handle_connection_close, [sink]),
+    ]

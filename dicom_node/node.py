@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import queue
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
+from itertools import islice
 from types import FrameType
 
 from pydicom import dcmread
-from pynetdicom import evt
-from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import handlers
-from dicom_node.ae import build_ae
+from dicom_node.celery_publisher import CeleryPublisher
 from dicom_node.completion import CompletionMonitor, CompletionReason, CompletionTracker
+from dicom_node.intake_events import InstanceSpooled, IntakeEvent
+from dicom_node.intake_recorder import MAX_BATCH, IntakeRecorder
+from dicom_node.object_checks import InvalidObject, inspect_dataset
 from dicom_node.publish import CompletionPublisher, LoggingPublisher, StudyCompleted
-from dicom_node.received import InvalidObject, inspect_dataset
-from dicom_node.receiver import Receiver
+from dicom_node.receiver_processes import ReceiverProcesses
+from dicom_node.receiving import ReusePortAssociationServer, drain, reserve_port, start_receiving
 from dicom_node.routing import RoutingInput, RuleSet, default_rules, load_rules
 from dicom_node.scu import AssociationFailed, QueryFailed, query_study_instance_count
-from dicom_node.security import CallerPolicy, server_ssl_context
-from dicom_node.spool import Quarantine, Spool
+from dicom_node.security import CallerPolicy
+from dicom_node.spool import Spool
 from plugin.catalog import repository
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.records import Peer
@@ -32,12 +37,18 @@ from plugin.catalog.writer import CatalogWriter
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.settings import Settings
 from plugin.study_state import StudyState
+from plugin.task_queue import make_celery
 
 logger = logging.getLogger(__name__)
 
 
 class DicomNode:
-    """Receives, catalogs and assembles studies; publishes each complete study once."""
+    """Receives, catalogs and assembles studies; publishes each complete study once.
+
+    Receiving runs in ``settings.receiver_processes`` processes on one port, or in this
+    process when that is 0; either way the receivers answer once a file is durable in the
+    spool and this process's recorder catalogs what they report.
+    """
 
     def __init__(
         self,
@@ -58,7 +69,9 @@ class DicomNode:
         self.clock = time.monotonic
         self.spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_disk_mb * 2**20)
         self.tracker = CompletionTracker(
-            quiet_period_s=settings.quiet_period_s, max_wait_s=settings.max_wait_s
+            quiet_period_s=settings.quiet_period_s,
+            max_wait_s=settings.max_wait_s,
+            release_grace_s=settings.release_grace_s if settings.complete_on_release else None,
         )
         self.monitor = CompletionMonitor(
             self.tracker,
@@ -69,10 +82,16 @@ class DicomNode:
             periodic_interval_s=min(30.0, settings.requeue_after_s / 2),
         )
         self._queries = ThreadPoolExecutor(max_workers=2, thread_name_prefix="count-query")
-        self.receiver = Receiver(
-            spool=self.spool,
-            quarantine=Quarantine(settings.quarantine_dir),
-            catalog=CatalogWriter(catalog.engine),
+        processes = settings.effective_receiver_processes
+        self.receivers = (
+            ReceiverProcesses(settings, processes, drain_timeout_s=settings.drain_timeout_s)
+            if processes
+            else None
+        )
+        self.events: queue.Queue[IntakeEvent] | None = None if self.receivers else queue.Queue()
+        self.recorder = IntakeRecorder(
+            events=self.receivers.events if self.receivers else self.events,  # type: ignore[arg-type]
+            writer=CatalogWriter(catalog.engine),
             sessions=catalog.sessions,
             tracker=self.tracker,
             site_tags=settings.site_tags,
@@ -80,15 +99,19 @@ class DicomNode:
             on_new_study=self._ask_expected_count if settings.count_query_peer else None,
             on_stored=lambda: self.metrics.observe_stage(Stage.RECEIVED),
         )
+        self._recording_stop = threading.Event()
+        self._recording = threading.Thread(
+            target=self.recorder.run, args=(self._recording_stop,), name="intake-recorder"
+        )
         self.policy = CallerPolicy(tuple(settings.allowed_callers))
-        self.ae = build_ae(settings)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: ReusePortAssociationServer | None = None
+        self._port: int | None = None
 
     @property
     def port(self) -> int:
-        if self.server is None:
+        if self._port is None:
             raise RuntimeError("the node is not running")
-        return int(self.server.server_address[1])
+        return self._port
 
     def start(self) -> None:
         if self.policy.open_to_all:
@@ -97,76 +120,84 @@ class DicomNode:
                 "set it to the PACS AE titles in production"
             )
         self.recover()
+        self._recording.start()
         self.monitor.start()
         try:
-            self.server = self.ae.start_server(
-                (self.settings.dicom_host, self.settings.dicom_port),
-                block=False,
-                evt_handlers=self._handlers(),
-                ssl_context=server_ssl_context(self.settings),
-            )
+            self._port = self._listen()
         except BaseException:
             self.stop()
             raise
         logger.info(
-            "DICOM node %s listening on %s:%d%s",
+            "DICOM node %s listening on %s:%d%s (%s)",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.port,
             " (TLS)" if self.settings.tls_enabled else "",
+            f"{self.receivers.count} receiver processes" if self.receivers else "in process",
         )
 
+    def _listen(self) -> int:
+        host, port = self.settings.dicom_host, self.settings.dicom_port
+        if self.receivers is None:
+            assert self.events is not None
+            self.server = start_receiving(
+                self.settings,
+                self.events,
+                port=port,
+                max_associations=self.settings.max_associations,
+            )
+            return int(self.server.server_address[1])
+        # Port 0 becomes one number, held until every receiver process listens on it.
+        with reserve_port(host, port) as reservation:
+            port = int(reservation.getsockname()[1])
+            self.receivers.start(port)
+        return port
+
+    def healthy(self) -> bool:
+        """False when a receiver process has died."""
+        return self.receivers is None or self.receivers.alive()
+
     def stop(self) -> None:
+        """Stop accepting, let open associations finish, catalog what they sent, then stop
+        completing studies."""
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.server is not None:
-            self.server.shutdown()
+            drain(self.server, self.settings.drain_timeout_s)
             self.server = None
+        self._recording_stop.set()
+        if self._recording.is_alive():
+            self._recording.join(timeout=self.settings.drain_timeout_s)
         self.monitor.stop()
         self._queries.shutdown(wait=True, cancel_futures=True)
-
-    def _handlers(self) -> list[evt.EventHandlerType]:
-        return [
-            (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [self.receiver]),
-            (
-                evt.EVT_REQUESTED,
-                handlers.handle_association_request,
-                [self.policy, self._audit_rejected_association],
-            ),
-            (evt.EVT_CONN_OPEN, handlers.handle_connection_open, [self.tracker]),
-            (evt.EVT_CONN_CLOSE, handlers.handle_connection_close, [self.tracker, self.clock]),
-        ]
-
-    def _audit_rejected_association(self, peer: Peer) -> None:
-        with self.sessions() as session:
-            repository.audit(session, "association_rejected", peer, detail="calling AE not allowed")
-            session.commit()
+        self._port = None
 
     def recover(self) -> None:
         """After a restart: drop unacknowledged temp files, catalog spooled files the
-        catalog lost, and resume tracking studies that were still receiving."""
+        catalog lacks (acknowledged, but not yet recorded when the node stopped), and resume
+        tracking studies that were still receiving."""
         dropped = self.spool.discard_incomplete()
         if dropped:
             logger.info("discarded %d incomplete transfers (never acknowledged)", dropped)
         with self.sessions() as session:
             known = repository.cataloged_paths(session)
-        missing = [rel for rel in self.spool.files() if rel not in known]
-        for rel in missing:
-            self._recatalog(rel)
-        if missing:
-            logger.info("re-cataloged %d spooled files missing from the catalog", len(missing))
+        missing = (rel for rel in self.spool.files() if rel not in known)
+        recataloged = 0
+        for chunk in _chunks(filter(None, map(self._spooled_event, missing)), MAX_BATCH):
+            self.recorder.record(chunk)
+            recataloged += len(chunk)
+        if recataloged:
+            logger.info("cataloged %d spooled files missing from the catalog", recataloged)
         now_wall, now = datetime.now(UTC), self.clock()
         with self.sessions() as session:
             receiving = repository.receiving_studies(session)
         for study in receiving:
-            received_at = study.received_at
-            if received_at.tzinfo is None:  # SQLite returns naive UTC datetimes
-                received_at = received_at.replace(tzinfo=UTC)
-            age = (now_wall - received_at).total_seconds()
+            age = (now_wall - study.received_at).total_seconds()
             self.tracker.resume(
                 study.study_instance_uid, first_seen=now - age, instances=study.instances, now=now
             )
 
-    def _recatalog(self, rel: str) -> None:
+    def _spooled_event(self, rel: str) -> InstanceSpooled | None:
         data = self.spool.read(rel)
         try:
             ds = dcmread(BytesIO(data), stop_before_pixels=True)
@@ -178,8 +209,15 @@ class DicomNode:
             )
         except (InvalidObject, AttributeError) as exc:
             logger.error("spooled file %s cannot be re-cataloged: %s", rel, exc)
-            return
-        self.receiver.accept(obj, data, Peer(calling_ae_title="", host=None), association=None)
+            return None
+        return InstanceSpooled(
+            obj=obj,
+            peer=Peer(calling_ae_title="", host=None),
+            association=None,
+            path=rel,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
     def _ask_expected_count(self, study_uid: str) -> None:
         self._queries.submit(self._query_expected_count, study_uid)
@@ -275,11 +313,14 @@ class DicomNode:
         )
 
 
-def main(settings: Settings, metrics: PacsclipMetrics | None = None) -> None:
-    """Run the node until SIGINT or SIGTERM."""
-    from dicom_node.celery_publisher import CeleryPublisher
-    from worker.app import make_celery
-
+def main(
+    settings: Settings,
+    metrics: PacsclipMetrics | None = None,
+    *,
+    on_signal: Callable[[], None] | None = None,
+) -> None:
+    """Run the node until SIGINT or SIGTERM (then ``on_signal``, and drain); exit 1 if a
+    receiver process dies (so that the supervisor restarts the node)."""
     catalog = open_catalog(settings.effective_database_url)
     publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
     node = DicomNode(settings, catalog, publisher=publisher, metrics=metrics)
@@ -288,12 +329,27 @@ def main(settings: Settings, metrics: PacsclipMetrics | None = None) -> None:
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %d received, stopping", signum)
         stop.set()
+        if on_signal is not None:
+            on_signal()
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     node.start()
+    failed = False
     try:
-        stop.wait()
+        while not stop.wait(1.0):
+            if not node.healthy():
+                logger.error("a receiver process died; stopping the node")
+                failed = True
+                break
     finally:
         node.stop()
         logger.info("DICOM node stopped")
+    if failed:
+        sys.exit(1)
+
+
+def _chunks(items: Iterable[IntakeEvent], size: int) -> Iterator[list[IntakeEvent]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -17,10 +17,10 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS
 from plugin.imaging import ImageSpec, display_array, model_input, pool_scores, select_images
 from plugin.models.bundle import SYNTHETIC_NOTICE, Bundle
 from plugin.models.runtime import ImageEncoder, PromptEmbeddings
-from plugin.notices import NOT_FOR_DIAGNOSIS
 from plugin.triage import (
     Calibration,
     FindingPrompts,

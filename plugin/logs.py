@@ -13,3 +13,6 @@ def configure_logging(level: str) -> None:
     # pynetdicom logs DIMSE traffic at INFO; datasets never reach our log level.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # faiss tries its AVX2 build first and logs the ImportError with a traceback at INFO
+    # before falling back to the generic build, which is what runs here.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)

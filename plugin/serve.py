@@ -16,7 +16,7 @@ from plugin.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 30
+API_STOP_TIMEOUT_S = 2
 
 
 def worker_command(config: Path | None, overrides: Mapping[str, Any]) -> list[str]:
@@ -30,30 +30,47 @@ def worker_command(config: Path | None, overrides: Mapping[str, Any]) -> list[st
     return [*command, "worker"]
 
 
-@contextmanager
-def run_worker_process(config: Path | None, overrides: Mapping[str, Any]) -> Iterator[None]:
-    """Start a worker for the time of the block; stop it (SIGTERM, then SIGKILL) after."""
-    process = subprocess.Popen(worker_command(config, overrides))
-    logger.info("worker process %d started", process.pid)
-    try:
-        yield
-    finally:
-        process.terminate()  # Celery's warm shutdown: the running task finishes first
+class WorkerProcess:
+    """The worker child of ``pacsclip serve``."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    def begin_stop(self) -> None:
+        """SIGTERM: Celery's warm shutdown (no new task; the running one finishes)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def stop(self, timeout_s: float) -> None:
+        self.begin_stop()
         try:
-            process.wait(timeout=STOP_TIMEOUT_S)
+            self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             logger.warning(
-                "worker %d did not stop in %d s; killing it", process.pid, STOP_TIMEOUT_S
+                "worker %d did not stop in %.0f s; killing it", self.process.pid, timeout_s
             )
-            process.kill()
-            process.wait()
+            self.process.kill()
+            self.process.wait()
         logger.info("worker process stopped")
+
+
+@contextmanager
+def run_worker_process(
+    config: Path | None, overrides: Mapping[str, Any], *, stop_timeout_s: float
+) -> Iterator[WorkerProcess]:
+    """Start a worker for the time of the block; stop it (SIGTERM, then SIGKILL) after."""
+    worker = WorkerProcess(subprocess.Popen(worker_command(config, overrides)))
+    logger.info("worker process %d started", worker.process.pid)
+    try:
+        yield worker
+    finally:
+        worker.stop(stop_timeout_s)
 
 
 def build_api(settings: Settings, metrics: Any | None = None) -> Any:
     """The FastAPI app over the catalog, with result objects served from the results folder."""
     from plugin.api import create_app
-    from plugin.catalog import repository
+    from plugin.catalog import dispatch_jobs, repository
     from plugin.catalog.db import open_catalog
     from plugin.metrics import PacsclipMetrics
     from plugin.retrieval.service import service_for
@@ -70,7 +87,7 @@ def build_api(settings: Settings, metrics: Any | None = None) -> Any:
         metrics or PacsclipMetrics(),
         results_for=repository.results_for,
         object_file=object_file,
-        failed_dispatch_jobs=repository.count_failed_jobs,
+        failed_dispatch_jobs=dispatch_jobs.count_failed_jobs,
         retrieval=service_for(settings, catalog.sessions),
     )
 
@@ -86,6 +103,7 @@ def run_api_thread(settings: Settings, metrics: Any | None = None) -> Iterator[N
             host=settings.api_host,
             port=settings.api_port,
             log_level="warning",
+            timeout_graceful_shutdown=API_STOP_TIMEOUT_S,
         )
     )
     thread = threading.Thread(target=server.run, name="http-api", daemon=True)
@@ -95,4 +113,4 @@ def run_api_thread(settings: Settings, metrics: Any | None = None) -> Iterator[N
         yield
     finally:
         server.should_exit = True
-        thread.join(timeout=STOP_TIMEOUT_S)
+        thread.join(timeout=API_STOP_TIMEOUT_S + 1)

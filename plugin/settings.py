@@ -6,6 +6,7 @@ Precedence: CLI overrides > environment (``PACSCLIP_*``) > TOML config file > de
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +92,11 @@ class Settings(BaseSettings):
     allowed_callers: list[CallerRule] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1)
     min_free_disk_mb: int = Field(500, ge=0)
+    # Receiver processes on the DICOM port; unset: one per core (at most 4); 0: receive in
+    # the node's own process.
+    receiver_processes: int | None = Field(None, ge=0, le=64)
+    # On SIGTERM: how long open associations (and running tasks) may take to finish.
+    drain_timeout_s: float = Field(5.0, gt=0)
     site_tags: list[str] = Field(default_factory=lambda: ["calling_ae_title", "InstitutionName"])
 
     # DICOM TLS: all of cert and key, optionally a CA to require client certificates
@@ -101,7 +107,11 @@ class Settings(BaseSettings):
     # Study completeness
     quiet_period_s: float = Field(2.0, gt=0)
     max_wait_s: float = Field(3600.0, gt=0)
-    completion_check_interval_s: float = Field(0.2, gt=0)
+    completion_check_interval_s: float = Field(0.05, gt=0)
+    # A study that came over one association is complete this long after its release
+    # (unless its sender has another association open); off: the quiet period only.
+    complete_on_release: bool = True
+    release_grace_s: float = Field(0.3, ge=0)
     count_query_peer: DicomPeer | None = None
 
     rules_file: Path | None = None
@@ -188,6 +198,12 @@ class Settings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.data_dir / "results"
+
+    @property
+    def effective_receiver_processes(self) -> int:
+        if self.receiver_processes is not None:
+            return self.receiver_processes
+        return min(4, os.cpu_count() or 1)
 
     @property
     def tls_enabled(self) -> bool:

@@ -32,6 +32,9 @@ def make_settings(tmp_path: Path) -> Any:
             "quiet_period_s": 0.5,
             "completion_check_interval_s": 0.05,
             "min_free_disk_mb": 0,
+            # Receive in the test's own process (starts in milliseconds); the receiver
+            # processes are tested through `pacsclip node` and `pacsclip serve`.
+            "receiver_processes": 0,
         }
         values.update(overrides)
         return load_settings(**values)

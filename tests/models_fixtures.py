@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from plugin.models.bundle import Manifest, pin_file, write_manifest
+from plugin.models.bundle import Manifest
 from plugin.models.bundle import validate_model as _validate
+from plugin.models.bundle_writer import pin_file, write_manifest
 
 DIM = 16
 SIZE = 32

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 
 from plugin.settings import Settings
-from worker.app import QUEUES, make_celery
+from plugin.task_queue import QUEUES, make_celery
 from worker.tasks import WorkerContext, register
 
 
-def main(settings: Settings, queues: Sequence[str] = QUEUES) -> None:
+def default_node_name() -> str:
+    """``pacsclip-PID@HOST``: unique per process, so several workers on one host can share a
+    broker (RabbitMQ gives each node name one exclusive pidbox queue)."""
+    return f"pacsclip-{os.getpid()}@{socket.gethostname()}"
+
+
+def main(
+    settings: Settings, queues: Sequence[str] = QUEUES, *, node_name: str | None = None
+) -> None:
     app = make_celery(settings)
     app.pacsclip = context = WorkerContext(settings)
     if settings.worker_metrics_port is not None:
@@ -18,6 +28,7 @@ def main(settings: Settings, queues: Sequence[str] = QUEUES) -> None:
     app.worker_main(
         [
             "worker",
+            f"--hostname={node_name or default_node_name()}",
             f"--pool={settings.worker_pool}",
             f"--concurrency={settings.worker_concurrency}",
             f"--queues={','.join(queues)}",

@@ -10,16 +10,14 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
 from pydicom import dcmread
-from sqlalchemy import select
 
-from plugin.analysis import StudyAnalyser, finish_job, job_files, note_attempt
+from plugin.analysis import StudyAnalyser
 from plugin.catalog.db import Catalog, open_catalog
-from plugin.catalog.models import Instance, Series, Study
+from plugin.catalog.studies import instance_paths_of_classes
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.projection import text_encoder
@@ -27,8 +25,8 @@ from plugin.models.registry import resolve_bundle
 from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
-from plugin.settings import DestinationConfig, Settings
-from plugin.task_names import ANALYSE_STUDY, DISPATCH_RESULT
+from plugin.settings import Settings
+from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT
 from plugin.triage.site_heads import load_active_site_heads
 
 logger = logging.getLogger(__name__)
@@ -72,17 +70,7 @@ class WorkerContext:
         Failures are logged: a report that cannot be indexed must not hold up the results.
         """
         with self.catalog.sessions() as session:
-            paths = list(
-                session.scalars(
-                    select(Instance.path)
-                    .join(Series)
-                    .join(Study)
-                    .where(
-                        Study.study_instance_uid == study_uid,
-                        Instance.sop_class_uid.in_(REPORT_SR_CLASSES),
-                    )
-                )
-            )
+            paths = instance_paths_of_classes(session, study_uid, REPORT_SR_CLASSES)
         for path in paths:
             try:
                 ds = dcmread(self.settings.spool_dir / path)
@@ -123,7 +111,7 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
         context.metrics.observe_analysis_duration(outcome.duration_s)
         # Enqueued after the analysis is committed, so a dispatch never finds no rows.
         for job_id in outcome.job_ids:
-            task.app.send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
+            task.app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
         if outcome.priority == "stat":
             notify_stat(context, outcome.analysis_id)
         # Last: the results are on their way before the index is touched.
@@ -167,65 +155,22 @@ def notify_stat(context: WorkerContext, analysis_id: int) -> None:
 
 
 def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
-    from dicom_node.dispatch import DispatchError
+    from plugin.delivery.jobs import DeadLettered, Delivered, RetryLater, deliver
 
     context = context_of(task)
-    settings = context.settings
-    job = job_files(context.catalog, settings, job_id)
-    if job.state != "pending":
-        return {"job": job_id, "state": job.state}  # a redelivered task after success
-    if job.destination is None:
-        finish_job(context.catalog, job_id, delivered=False, error="destination not configured")
-        return {"job": job_id, "state": "failed"}
-    d = job.destination
-    try:
-        send(d, job.files, settings)
-    except DispatchError as exc:
-        retries = task.request.retries
-        if exc.retryable and retries < settings.dispatch_max_retries:
-            note_attempt(context.catalog, job_id, str(exc))
-            countdown = settings.dispatch_backoff_s * 2**retries
-            logger.warning(
-                "job %d to %s failed, retry in %.1f s: %s", job_id, d.name, countdown, exc
-            )
-            raise task.retry(exc=exc, countdown=countdown) from exc
-        finish_job(context.catalog, job_id, delivered=False, error=str(exc))
-        context.metrics.observe_stage(Stage.FAILED)
-        logger.error("job %d to %s dead-lettered: %s", job_id, d.name, exc)
-        return {"job": job_id, "state": "failed"}
-    objects, since_analysed_s = finish_job(context.catalog, job_id, delivered=True, error=None)
-    for _ in range(objects):
-        context.metrics.observe_stage(Stage.DELIVERED, seconds=since_analysed_s)
-    return {"job": job_id, "state": "delivered"}
-
-
-def send(d: DestinationConfig, files: list[Path], settings: Settings) -> None:
-    """C-STORE (optionally over TLS) or STOW-RS, as the destination is configured."""
-    from dicom_node.dispatch import Destination, send_files
-    from dicom_node.stow import StowDestination, stow_files
-
-    timeout = settings.dispatch_timeout_s
-    if d.url is not None:
-        token = d.bearer_token.get_secret_value() if d.bearer_token else None
-        stow_files(
-            StowDestination(name=d.name, url=d.url, bearer_token=token, tls_ca=d.tls_ca),
-            files,
-            timeout_s=timeout,
-        )
-        return
-    if d.ae_title is None or d.host is None or d.port is None:  # the settings validator forbids it
-        raise ValueError(f"destination {d.name} has no DICOM address")
-    destination = Destination(
-        name=d.name,
-        ae_title=d.ae_title,
-        host=d.host,
-        port=d.port,
-        tls=d.tls,
-        tls_ca=d.tls_ca,
-        tls_cert=d.tls_cert,
-        tls_key=d.tls_key,
+    outcome = deliver(
+        context.catalog.sessions, context.settings, job_id, attempt=task.request.retries
     )
-    send_files(destination, files, calling_ae_title=settings.ae_title, timeout_s=timeout)
+    if isinstance(outcome, RetryLater):
+        raise task.retry(exc=outcome.error, countdown=outcome.countdown_s)
+    if isinstance(outcome, DeadLettered):
+        context.metrics.observe_stage(Stage.FAILED)
+        return {"job": job_id, "state": "failed"}
+    if isinstance(outcome, Delivered):
+        for _ in range(outcome.objects):
+            context.metrics.observe_stage(Stage.DELIVERED, seconds=outcome.since_analysed_s)
+        return {"job": job_id, "state": "delivered"}
+    return {"job": job_id, "state": outcome.state}  # not sent: redelivered, or no destination
 
 
 def register(app: Celery) -> None:

@@ -22,7 +22,7 @@ from plugin.adaptation.evaluate import (
     split_target,
 )
 from plugin.adaptation.grl import dann_lambda, grad_reverse
-from plugin.adaptation.models import AdaptedModel, LinearModel, NeuralModel, TrainingLog
+from plugin.adaptation.networks import AdaptedModel, LinearModel, NeuralModel, TrainingLog
 from plugin.adaptation.report import to_json, write_report
 from plugin.adaptation.train import (
     METHODS,

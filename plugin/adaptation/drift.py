@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from plugin.adaptation.evaluate import auroc
-from plugin.adaptation.models import FloatArray, Standardiser, as_features
+from plugin.adaptation.networks import FloatArray, Standardiser, as_features
 from plugin.adaptation.train import fit_logistic
 
 

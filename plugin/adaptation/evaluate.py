@@ -30,7 +30,7 @@ import numpy.typing as npt
 from scipy.optimize import minimize  # type: ignore[import-untyped]
 from scipy.stats import rankdata  # type: ignore[import-untyped]
 
-from plugin.adaptation.models import FloatArray, TrainingLog, as_features
+from plugin.adaptation.networks import FloatArray, TrainingLog, as_features
 from plugin.adaptation.train import (
     TARGET_LABEL_METHODS,
     AdaptationError,

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from plugin.adaptation.evaluate import Results, SiteResult, roc_curve
-from plugin.adaptation.models import FloatArray
+from plugin.adaptation.networks import FloatArray
 
 REPORT_FILE: Final = "report.html"
 ROC_FILE: Final = "roc.png"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy.optimize import minimize  # type: ignore[import-untyped]
 
 from plugin.adaptation.grl import dann_lambda
-from plugin.adaptation.models import (
+from plugin.adaptation.networks import (
     AdaptedModel,
     DannNetwork,
     FloatArray,

@@ -9,7 +9,6 @@ finding on labelled images of the target site (:func:`compare_heads`).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy.typing as npt
 from torch import nn
 
 from plugin.adaptation.evaluate import auroc
-from plugin.adaptation.models import FloatArray, LinearModel, NeuralModel
+from plugin.adaptation.networks import FloatArray, LinearModel, NeuralModel
 from plugin.adaptation.train import (
     TARGET_LABEL_METHODS,
     AdaptationError,
@@ -28,7 +27,7 @@ from plugin.adaptation.train import (
     TrainConfig,
     fit,
 )
-from plugin.errors import ConfigError
+from plugin.labels import read_labels_csv
 from plugin.triage.site_heads import FindingNetwork, SiteHead
 
 KEY_COLUMNS: Final = ("sop_instance_uid", "study_instance_uid")
@@ -63,48 +62,8 @@ class ImageLabels:
 
 def read_image_labels(csv_path: Path, known_findings: Sequence[str]) -> ImageLabels:
     """Read a labels CSV: one key column (see :data:`KEY_COLUMNS`), then finding columns."""
-    try:
-        with csv_path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or ())
-            raw_rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ConfigError(f"cannot read labels {csv_path}: {exc}") from exc
-    keys_present = [c for c in KEY_COLUMNS if c in columns]
-    if len(keys_present) != 1:
-        raise ConfigError(
-            f"{csv_path}: needs exactly one of the columns {', '.join(KEY_COLUMNS)} "
-            f"(found {columns})"
-        )
-    key_column = keys_present[0]
-    findings = [c for c in columns if c != key_column]
-    unknown = [c for c in findings if c not in known_findings]
-    if unknown or not findings:
-        raise ConfigError(
-            f"{csv_path}: finding columns {unknown or findings} are not findings of the "
-            f"bundle; use some of {list(known_findings)}"
-        )
-    keys, values = [], []
-    for line, row in enumerate(raw_rows, start=2):
-        key = (row.get(key_column) or "").strip()
-        if not key:
-            raise ConfigError(f"{csv_path} line {line}: {key_column} is empty")
-        keys.append(key)
-        values.append([_label(row.get(c), csv_path, line, c) for c in findings])
-    if not keys:
-        raise ConfigError(f"{csv_path}: no labelled rows")
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"{csv_path}: a {key_column} appears on more than one row")
-    return ImageLabels(key_column, tuple(keys), tuple(findings), np.array(values, dtype=float))
-
-
-def _label(value: str | None, csv_path: Path, line: int, column: str) -> float:
-    text = (value or "").strip()
-    if text == "":
-        return float("nan")
-    if text in ("0", "1"):
-        return float(text)
-    raise ConfigError(f"{csv_path} line {line}, column {column}: expected 1, 0 or empty")
+    table = read_labels_csv(csv_path, KEY_COLUMNS, known_findings)
+    return ImageLabels(table.key_column, table.keys, table.findings, table.values)
 
 
 def fit_site_head(

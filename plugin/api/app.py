@@ -19,7 +19,6 @@ from urllib.parse import quote
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,7 +26,8 @@ from plugin.api import retrieval_routes
 from plugin.api.auth import BearerAuth
 from plugin.api.revisit_routes import revisit_router
 from plugin.catalog import repository
-from plugin.catalog.models import Study
+from plugin.catalog.db import ping
+from plugin.catalog.studies import count_by_state
 from plugin.metrics import CatalogSnapshot, PacsclipMetrics
 from plugin.retrieval.service import RetrievalService
 from plugin.settings import Settings
@@ -114,7 +114,7 @@ DbSession = Annotated[Session, Depends(db_session)]
 
 def health(session: DbSession) -> JSONResponse:
     try:
-        session.execute(text("SELECT 1"))
+        ping(session)
     except SQLAlchemyError as exc:
         logger.warning("health check: catalog unreachable (%s)", type(exc).__name__)
         return JSONResponse(
@@ -184,12 +184,12 @@ def read_catalog(
     """Catalog counts for the scrape-time gauges; None when the database cannot be read."""
     try:
         with sessions() as session:
-            rows = session.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+            counts = count_by_state(session)
             failed = failed_dispatch_jobs(session) if failed_dispatch_jobs else None
     except SQLAlchemyError as exc:
         logger.warning("metrics: catalog unreachable (%s)", type(exc).__name__)
         return None
-    return CatalogSnapshot({state: count for state, count in rows}, failed)
+    return CatalogSnapshot(counts, failed)
 
 
 async def _catalog_unavailable(request: Request, exc: Exception) -> JSONResponse:

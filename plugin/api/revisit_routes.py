@@ -83,7 +83,12 @@ def revisit_router(settings: Settings, sessions: sessionmaker[Session]) -> APIRo
         model: Annotated[str | None, Query(description="Model version; default latest.")] = None,
     ) -> dict[str, Any]:
         # Imported on first use: torch, which the rest of the API never needs.
-        from plugin.revisit.model import ModelNotFound, ModelStore, risks_document, score_encounters
+        from plugin.revisit.risk_model import (
+            ModelNotFound,
+            ModelStore,
+            risks_document,
+            score_encounters,
+        )
 
         try:
             chosen = ModelStore.for_data_dir(data_dir).load(model)
@@ -114,7 +119,7 @@ def revisit_router(settings: Settings, sessions: sessionmaker[Session]) -> APIRo
     def link_encounter(study_uid: str, encounter: EncounterIn) -> dict[str, Any]:
         """An ER encounter of this study's patient: its revisit risk joins the study's
         results (``GET /api/studies/{uid}``), flagged at ``revisit_flag_threshold``."""
-        from plugin.revisit.model import ModelNotFound
+        from plugin.revisit.risk_model import ModelNotFound
         from plugin.revisit.study_link import StudyNotFound, score_study_encounter
 
         def extract(notes: list[str], model: Any) -> list[frozenset[str]]:
@@ -143,7 +148,7 @@ def revisit_router(settings: Settings, sessions: sessionmaker[Session]) -> APIRo
     def drift(
         model_ref: Annotated[str | None, Query(description="name@version; default newest.")] = None,
     ) -> dict[str, Any]:
-        from plugin.drift import drift_document
+        from plugin.site_drift_report import drift_document
 
         with sessions() as session:
             try:

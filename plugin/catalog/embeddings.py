@@ -1,7 +1,9 @@
-"""Reading stored image embeddings (table ``image_embedding``) with their study and site."""
+"""Stored image embeddings (table ``image_embedding``): kept per scored image, read back with
+their study and site."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,3 +87,57 @@ def load_embeddings(session: Session, model_ref: str) -> StoredEmbeddings:
         tuple(str(row.key) for row in rows),
         vectors,
     )
+
+
+def keep_image_embeddings(
+    session: Session,
+    *,
+    study_id: int,
+    site_id: int,
+    model_ref: str,
+    sop_instance_uids: Sequence[str],
+    vectors: npt.NDArray[np.float32],
+) -> None:
+    """Add each image's embedding under ``model_ref``, once: images the study already has
+    an embedding of under that model are skipped."""
+    known = set(
+        session.scalars(
+            select(ImageEmbedding.sop_instance_uid).where(
+                ImageEmbedding.study_id == study_id, ImageEmbedding.model_ref == model_ref
+            )
+        )
+    )
+    for sop_uid, vector in zip(sop_instance_uids, vectors, strict=True):
+        if sop_uid in known:
+            continue
+        session.add(
+            ImageEmbedding(
+                sop_instance_uid=sop_uid,
+                study_id=study_id,
+                site_id=site_id,
+                model_ref=model_ref,
+                dim=int(vector.shape[0]),
+                vector=vector.astype("<f4").tobytes(),
+            )
+        )
+
+
+def study_vectors(session: Session, study_id: int, model_ref: str) -> list[bytes]:
+    """The stored embeddings (float32, little endian) of a study's images under one model."""
+    return list(
+        session.scalars(
+            select(ImageEmbedding.vector).where(
+                ImageEmbedding.study_id == study_id, ImageEmbedding.model_ref == model_ref
+            )
+        )
+    )
+
+
+def sop_instance_uids_of(session: Session, embedding_ids: Iterable[int]) -> dict[int, str]:
+    """Embedding row id -> the SOP Instance UID of the image it embeds."""
+    rows = session.execute(
+        select(ImageEmbedding.id, ImageEmbedding.sop_instance_uid).where(
+            ImageEmbedding.id.in_(list(embedding_ids))
+        )
+    )
+    return {key: sop for key, sop in rows}

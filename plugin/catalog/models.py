@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
-    DateTime,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -17,6 +16,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from plugin.catalog.column_types import UtcDateTime
 
 # DICOM UIDs are at most 64 characters; AE titles 16.
 UID = String(64)
@@ -28,7 +29,8 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True)}
+    # Every moment is stored in UTC and read back timezone-aware, on SQLite as on PostgreSQL.
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UtcDateTime()}
 
 
 class Site(Base):

@@ -45,6 +45,18 @@ class Peer:
     host: str | None
 
 
+@dataclass(frozen=True)
+class SpooledInstance:
+    """An instance whose file is durable in the spool, to be cataloged."""
+
+    obj: ReceivedObject
+    site_key: str
+    peer: Peer
+    path: str
+    size_bytes: int
+    sha256: str
+
+
 class StoreOutcome(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"

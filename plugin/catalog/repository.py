@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 from plugin.catalog.models import (
     Analysis,
     AuditEvent,
-    DispatchJob,
     Instance,
     QuarantineEntry,
     ResultObject,
@@ -23,7 +22,7 @@ from plugin.catalog.models import (
     utcnow,
 )
 from plugin.catalog.records import Peer
-from plugin.notices import NOT_FOR_DIAGNOSIS
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS
 from plugin.study_state import StudyState, transition
 
 
@@ -131,7 +130,7 @@ def study_facts(session: Session, study_uid: str) -> StudyFacts | None:
         needs_reanalysis=study.needs_reanalysis,
         pipelines=list((study.routing or {}).get("pipelines", [])),  # type: ignore[call-overload]
         destinations=list((study.routing or {}).get("destinations", [])),  # type: ignore[call-overload]
-        age_s=(utcnow() - _aware(study.received_at)).total_seconds(),
+        age_s=(utcnow() - study.received_at).total_seconds(),
     )
 
 
@@ -334,39 +333,6 @@ def cataloged_paths(session: Session) -> set[str]:
     return set(session.scalars(select(Instance.path)).all())
 
 
-def list_jobs(
-    session: Session, *, state: str | None = None, limit: int = 100
-) -> list[dict[str, Any]]:
-    query = select(DispatchJob).order_by(DispatchJob.id.desc()).limit(limit)
-    if state:
-        query = query.where(DispatchJob.state == state)
-    return [
-        {
-            "id": job.id,
-            "state": job.state,
-            "destination": job.destination,
-            "attempts": job.attempts,
-            "last_error": job.last_error,
-            "study_instance_uid": job.analysis.study.study_instance_uid,
-            "algorithm": f"{job.analysis.algorithm_name} {job.analysis.algorithm_version}",
-            "updated_at": job.updated_at.isoformat(),
-        }
-        for job in session.scalars(query)
-    ]
-
-
-def reset_job(session: Session, job_id: int) -> DispatchJob:
-    """Put a dead-lettered (failed) job back to pending for a replay."""
-    job = session.get(DispatchJob, job_id)
-    if job is None:
-        raise LookupError(f"no dispatch job {job_id}")
-    if job.state != "failed":
-        raise ValueError(f"job {job_id} is {job.state}; only failed jobs are replayed")
-    job.state = "pending"
-    job.updated_at = utcnow()
-    return job
-
-
 @dataclass(frozen=True)
 class StaleStudy:
     study_instance_uid: str
@@ -427,12 +393,6 @@ def results_for(session: Session, study_uid: str) -> list[dict[str, Any]]:
     ]
 
 
-def count_failed_jobs(session: Session) -> int:
-    return int(
-        session.scalar(select(func.count(DispatchJob.id)).where(DispatchJob.state == "failed")) or 0
-    )
-
-
 def result_object_path(session: Session, study_uid: str, sop_instance_uid: str) -> str | None:
     """Where a result object of this study is kept (relative to the results folder)."""
     return session.scalar(
@@ -465,8 +425,3 @@ def stat_flag(session: Session, analysis_id: int) -> dict[str, Any]:
             "synthetic": analysis.synthetic,
         },
     }
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; the catalog stores UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -1,14 +1,14 @@
-"""The catalog write path of the receiver: one short transaction per received instance.
+"""The catalog write path of the node: received instances, many to a transaction.
 
-This runs between the fsync and the C-STORE response of every instance, so it uses
-SQLAlchemy Core statements built once (parameters bound at execution) and remembers
-the ids of the sites, studies and series it has seen instead of loading ORM objects.
+The node's recorder calls it for every batch of spooled instances, so it uses SQLAlchemy
+Core statements built once (parameters bound at execution) and remembers the ids of the
+sites, studies and series it has seen instead of loading ORM objects.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine, Table, bindparam, insert, select, upd
 from sqlalchemy.exc import IntegrityError
 
 from plugin.catalog.models import AuditEvent, Instance, Series, Site, Study, utcnow
-from plugin.catalog.records import Peer, ReceivedObject, Recorded, StoreOutcome
+from plugin.catalog.records import Peer, ReceivedObject, Recorded, SpooledInstance, StoreOutcome
 from plugin.study_state import StudyState
 
 _instance = cast(Table, Instance.__table__)
@@ -55,31 +55,20 @@ class CatalogWriter:
         with self.engine.begin() as conn:
             conn.execute(_INSERT_AUDIT, _audit_values(event, peer, **fields))
 
-    def record_instance(
-        self,
-        obj: ReceivedObject,
-        *,
-        site_key: str,
-        peer: Peer,
-        path: str,
-        size_bytes: int,
-        sha256: str,
-    ) -> Recorded:
-        """Catalog an instance whose file is already durable in the spool.
+    def record_instances(self, batch: Sequence[SpooledInstance]) -> list[Recorded]:
+        """Catalog instances whose files are already durable in the spool, in one transaction.
 
         Same SOP Instance UID with the same bytes is a duplicate: audited, nothing
         changes. With other bytes the newest copy wins and the replacement is
-        audited with both digests.
+        audited with both digests. Instances are recorded in the order given.
         """
-        # A concurrent association may insert the same study or series first: the
-        # unique constraint fails and the second try finds the other's row.
+        # Another writer (a second node on the same database) may insert the same study or
+        # series first: the unique constraint fails and the second try finds its row.
         for attempt in range(2):
             learned: _Ids = {}
             try:
                 with self.engine.begin() as conn:
-                    recorded = self._record(
-                        conn, learned, obj, site_key, peer, path, size_bytes, sha256
-                    )
+                    recorded = [self._record(conn, learned, item) for item in batch]
             except IntegrityError:
                 if attempt == 1:
                     raise
@@ -90,17 +79,8 @@ class CatalogWriter:
             return recorded
         raise AssertionError("unreachable")
 
-    def _record(
-        self,
-        conn: Connection,
-        learned: _Ids,
-        obj: ReceivedObject,
-        site_key: str,
-        peer: Peer,
-        path: str,
-        size_bytes: int,
-        sha256: str,
-    ) -> Recorded:
+    def _record(self, conn: Connection, learned: _Ids, item: SpooledInstance) -> Recorded:
+        obj, peer, sha256 = item.obj, item.peer, item.sha256
         now = utcnow()
         audit = {
             "status": 0,
@@ -114,7 +94,7 @@ class CatalogWriter:
             return Recorded(StoreOutcome.DUPLICATE, reopened=False)
 
         def new_study() -> int:
-            return self._new_study(conn, learned, obj, site_key, peer, now)
+            return self._new_study(conn, learned, obj, item.site_key, peer, now)
 
         def new_series() -> int:
             return _insert(
@@ -134,8 +114,8 @@ class CatalogWriter:
             "series_id": series_id,
             "sop_class_uid": obj.sop_class_uid,
             "transfer_syntax_uid": obj.transfer_syntax_uid,
-            "path": path,
-            "size_bytes": size_bytes,
+            "path": item.path,
+            "size_bytes": item.size_bytes,
             "sha256": sha256,
             "received_at": now,
             "calling_ae_title": peer.calling_ae_title,

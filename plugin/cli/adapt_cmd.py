@@ -16,17 +16,20 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from plugin.cli.errors import exit_on_error
+from plugin.cli.common import JsonFlag, command_settings, exit_on_error, open_sessions
 from plugin.errors import ConfigError
+from plugin.models.registry import resolve_bundle
 
 if TYPE_CHECKING:
     from plugin.catalog.embeddings import StoredEmbeddings
     from plugin.models.bundle import Bundle
     from plugin.settings import Settings
 
+# The commands import torch (plugin.adaptation), onnxruntime (plugin.inference) and the
+# catalog (SQLAlchemy) inside the function: they take seconds to load.
+
 adapt_app = typer.Typer(no_args_is_help=True, help="Site adaptation of triage; site drift.")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 BundleOption = Annotated[
     Path | None,
     typer.Option("--bundle", help="Bundle folder (default: the active or built-in one)."),
@@ -41,20 +44,15 @@ LabelsOption = Annotated[
 
 
 def _context(ctx: typer.Context, bundle_dir: Path | None) -> tuple[Settings, Bundle]:
-    # Imported here: plugin.cli.main imports this module while it loads.
-    from plugin.cli.main import _settings
-    from plugin.models.registry import resolve_bundle
-
-    settings = _settings(ctx)
+    settings = command_settings(ctx)
     with exit_on_error(ValueError):
         return settings, resolve_bundle(settings.data_dir, bundle_dir)
 
 
 def _embeddings(settings: Settings, model_ref: str) -> StoredEmbeddings:
     from plugin.catalog.embeddings import load_embeddings
-    from plugin.cli.main import _open_sessions
 
-    with _open_sessions(settings)() as session:
+    with open_sessions(settings)() as session:
         stored = load_embeddings(session, model_ref)
     if not len(stored):
         raise ConfigError(
@@ -245,11 +243,10 @@ def adapt_drift(
     as_json: JsonFlag = False,
 ) -> None:
     """Per-site drift: cross-validated AUROC of telling a site's embeddings from the rest."""
-    from plugin.cli.main import _open_sessions, _settings
-    from plugin.drift import drift_document
+    from plugin.site_drift_report import drift_document
 
-    settings = _settings(ctx)
-    with exit_on_error(ValueError), _open_sessions(settings)() as session:
+    settings = command_settings(ctx)
+    with exit_on_error(ValueError), open_sessions(settings)() as session:
         document = drift_document(session, model_ref, folds=folds, max_rows=max_rows)
     if as_json:
         typer.echo(json.dumps(document, indent=2))

@@ -1,22 +1,27 @@
 """``pacsclip``: run the node, inspect the catalog, test routing rules."""
 
+# Commands import their heavy dependencies (SQLAlchemy and the catalog, pydicom, Celery,
+# uvicorn, the DICOM node, the worker) inside the function, so that `pacsclip --help` and
+# every other command start fast.
+
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from plugin.cli.adapt_cmd import adapt_app
+from plugin.cli.common import JsonFlag, command_settings, fail, open_sessions, print_json
 from plugin.cli.model_cmd import model_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
 from plugin.errors import ConfigError
-from plugin.logs import configure_logging
-from plugin.settings import DicomPeer, Settings, load_settings
+from plugin.settings import DicomPeer, Settings, mask_url
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Effective configuration.")
@@ -40,28 +45,6 @@ app.add_typer(report_app, name="report")
 app.command()(similar)
 app.command()(search)
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings(ctx: typer.Context, **overrides: Any) -> Settings:
-    """Build the settings once per command: CLI > environment > config file > defaults."""
-    root: dict[str, Any] = ctx.obj or {}
-    try:
-        settings = load_settings(root.get("config"), **root.get("overrides", {}), **overrides)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
-    configure_logging(settings.log_level)
-    return settings
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
-
 
 @app.callback()
 def root(
@@ -82,9 +65,9 @@ def root(
 @config_app.command("show")
 def config_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Print the effective settings, passwords masked."""
-    data = _settings(ctx).masked()
+    data = command_settings(ctx).masked()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     for key, value in data.items():
         typer.echo(f"{key} = {json.dumps(value)}")
@@ -95,17 +78,19 @@ NodePort = Annotated[int | None, typer.Option("--port", help="DICOM port.")]
 NodeAet = Annotated[str | None, typer.Option("--ae-title", help="Our AE title.")]
 
 
-def _run_node(settings: Settings, metrics: Any | None = None) -> None:
+def _run_node(
+    settings: Settings, metrics: Any | None = None, on_signal: Callable[[], None] | None = None
+) -> None:
     from dicom_node.node import main
     from dicom_node.routing import RulesError
 
     try:
-        main(settings, metrics)
+        main(settings, metrics, on_signal=on_signal)
     except RulesError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     except OSError as exc:
         where = f"{settings.dicom_host}:{settings.dicom_port}"
-        raise _fail(f"cannot start the DICOM node on {where}: {exc}") from exc
+        raise fail(f"cannot start the DICOM node on {where}: {exc}") from exc
 
 
 @app.command()
@@ -113,7 +98,7 @@ def node(
     ctx: typer.Context, host: NodeHost = None, port: NodePort = None, ae_title: NodeAet = None
 ) -> None:
     """Run the DICOM node alone: receive, catalog, and publish complete studies."""
-    _run_node(_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
+    _run_node(command_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title))
 
 
 @app.command()
@@ -124,14 +109,17 @@ def serve(
     from plugin.metrics import PacsclipMetrics
     from plugin.serve import run_api_thread, run_worker_process
 
-    settings = _settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title)
+    settings = command_settings(ctx, dicom_host=host, dicom_port=port, ae_title=ae_title)
     root: dict[str, Any] = ctx.obj or {}
     metrics = PacsclipMetrics()  # the node counts, the API in the same process reports
     with (
-        run_worker_process(root.get("config"), root.get("overrides", {})),
+        run_worker_process(
+            root.get("config"), root.get("overrides", {}), stop_timeout_s=settings.drain_timeout_s
+        ) as worker,
         run_api_thread(settings, metrics),
     ):
-        _run_node(settings, metrics)
+        # On SIGTERM the worker starts its warm shutdown while the node drains.
+        _run_node(settings, metrics, on_signal=worker.begin_stop)
 
 
 @app.command()
@@ -145,7 +133,7 @@ def api(
 
     from plugin.serve import build_api
 
-    settings = _settings(ctx, api_host=host, api_port=port)
+    settings = command_settings(ctx, api_host=host, api_port=port)
     uvicorn.run(build_api(settings), host=settings.api_host, port=settings.api_port)
 
 
@@ -155,11 +143,19 @@ def worker(
     queues: Annotated[
         str, typer.Option(help="Comma-separated queues to consume.")
     ] = "stat,routine,dispatch",
+    name: Annotated[
+        str | None,
+        typer.Option(help="Celery node name, NAME@HOST; default pacsclip-PID@HOST (unique)."),
+    ] = None,
 ) -> None:
     """Run a worker process alone (scale-out: as many as the hardware allows)."""
     from worker.main import main
 
-    main(_settings(ctx), queues=[q.strip() for q in queues.split(",") if q.strip()])
+    main(
+        command_settings(ctx),
+        queues=[q.strip() for q in queues.split(",") if q.strip()],
+        node_name=name,
+    )
 
 
 @jobs_app.command("list")
@@ -169,12 +165,12 @@ def jobs_list(
     state: Annotated[str | None, typer.Option(help="pending, delivered or failed.")] = None,
 ) -> None:
     """Dispatch jobs, newest first; failed ones are dead-lettered and can be replayed."""
-    from plugin.catalog.repository import list_jobs
+    from plugin.catalog.dispatch_jobs import recent_jobs
 
-    with _open_sessions(_settings(ctx))() as session:
-        rows = list_jobs(session, state=state)
+    with open_sessions(command_settings(ctx))() as session:
+        rows = recent_jobs(session, state=state)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows:
         typer.echo("no jobs")
@@ -188,18 +184,15 @@ def jobs_list(
 @jobs_app.command("retry")
 def jobs_retry(ctx: typer.Context, job_id: int) -> None:
     """Replay a dead-lettered job: back to pending and onto the dispatch queue."""
-    from plugin.catalog.repository import reset_job
-    from plugin.task_names import DISPATCH_RESULT
-    from worker.app import make_celery
+    from plugin.delivery.jobs import replay
+    from plugin.task_queue import DISPATCH_QUEUE, DISPATCH_RESULT, make_celery
 
-    settings = _settings(ctx)
-    with _open_sessions(settings)() as session:
-        try:
-            reset_job(session, job_id)
-        except (LookupError, ValueError) as exc:
-            raise _fail(str(exc), 1) from exc
-        session.commit()
-    make_celery(settings).send_task(DISPATCH_RESULT, args=[job_id], queue="dispatch")
+    settings = command_settings(ctx)
+    try:
+        replay(open_sessions(settings), job_id)
+    except (LookupError, ValueError) as exc:
+        raise fail(str(exc), 1) from exc
+    make_celery(settings).send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
     typer.echo(f"job {job_id} queued for dispatch again")
 
 
@@ -215,23 +208,17 @@ def echo(
     from dicom_node.scu import AssociationFailed
     from dicom_node.scu import echo as send_echo
 
-    settings = _settings(ctx)
+    settings = command_settings(ctx)
     try:
         status = send_echo(
             DicomPeer(ae_title=aec, host=host, port=port),
             calling_ae_title=aet or settings.ae_title,
         )
     except AssociationFailed as exc:
-        raise _fail(str(exc), 1) from exc
+        raise fail(str(exc), 1) from exc
     if status != 0:
-        raise _fail(f"C-ECHO answered status 0x{status:04X}", 1)
+        raise fail(f"C-ECHO answered status 0x{status:04X}", 1)
     typer.echo(f"C-ECHO to {aec}@{host}:{port}: success")
-
-
-def _open_sessions(settings: Settings) -> Any:
-    from plugin.catalog.db import open_catalog
-
-    return open_catalog(settings.effective_database_url).sessions
 
 
 @studies_app.command("list")
@@ -245,10 +232,10 @@ def studies_list(
     """List studies, newest first."""
     from plugin.catalog.repository import list_studies
 
-    with _open_sessions(_settings(ctx))() as session:
+    with open_sessions(command_settings(ctx))() as session:
         rows = list_studies(session, state=state, priority=priority, limit=limit)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows:
         typer.echo("no studies")
@@ -265,12 +252,12 @@ def studies_show(ctx: typer.Context, study_uid: str, as_json: JsonFlag = False) 
     """One study with its series and instances."""
     from plugin.catalog.repository import study_detail
 
-    with _open_sessions(_settings(ctx))() as session:
+    with open_sessions(command_settings(ctx))() as session:
         detail = study_detail(session, study_uid)
     if detail is None:
-        raise _fail(f"no study {study_uid} in the catalog", 1)
+        raise fail(f"no study {study_uid} in the catalog", 1)
     if as_json:
-        _print_json(detail)
+        print_json(detail)
         return
     for key in (
         "study_instance_uid",
@@ -298,13 +285,13 @@ def quarantine_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Refused objects with the reason and the status the sender got."""
     from plugin.catalog.repository import list_quarantine
 
-    settings = _settings(ctx)
-    with _open_sessions(settings)() as session:
+    settings = command_settings(ctx)
+    with open_sessions(settings)() as session:
         rows = list_quarantine(session)
     for row in rows:
         row["file"] = str(settings.quarantine_dir / row["path"])
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows:
         typer.echo("quarantine is empty")
@@ -330,19 +317,19 @@ def rules_test(
 
     from dicom_node.routing import RoutingInput, RulesError, default_rules, load_rules
 
-    settings = _settings(ctx)
+    settings = command_settings(ctx)
     rules_file = rules or settings.rules_file
     try:
         ruleset = load_rules(rules_file) if rules_file else default_rules()
         ds = dcmread(file, stop_before_pixels=True)
     except RulesError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     except (OSError, InvalidDicomError) as exc:
-        raise _fail(f"cannot read {file}: {exc}") from exc
+        raise fail(f"cannot read {file}: {exc}") from exc
     decision = ruleset.decide(RoutingInput.from_dataset(ds, calling_ae))
     data = {"rules_file": str(rules_file) if rules_file else None, **decision.as_dict()}
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     for key, value in data.items():
         typer.echo(f"{key}: {value}")
@@ -352,9 +339,8 @@ def rules_test(
 def db_upgrade(ctx: typer.Context) -> None:
     """Create or migrate the catalog schema to the newest revision."""
     from plugin.catalog.db import open_catalog
-    from plugin.settings import mask_url
 
-    url = _settings(ctx).effective_database_url
+    url = command_settings(ctx).effective_database_url
     open_catalog(url)
     typer.echo(f"catalog at {mask_url(url)} is up to date")
 

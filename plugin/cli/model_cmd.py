@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
-from plugin.cli.errors import exit_on_error
+from plugin.cli.common import JsonFlag, command_settings, exit_on_error, print_json
 from plugin.models.bundle import (
     SYNTHETIC_NOTICE,
     Bundle,
@@ -24,16 +24,17 @@ from plugin.models.bundle import (
     read_prompts_file,
     validate_model,
 )
-from plugin.models.registry import BundleReport, Registry, resolve_bundle
+from plugin.models.registry import BundleReport, Registry, builtin_bundle_dirs, resolve_bundle
 
 if TYPE_CHECKING:
     # Not imported at run time until needed: it loads onnxruntime, which `model list` and
     # every other pacsclip command can do without.
-    from plugin.models.runtime import OnnxImport
+    from plugin.models.importers.onnx import OnnxImport
+
+# The commands import onnxruntime (runtime, importers, tuning, quantize) and torch (the demo
+# model) inside the function: they take seconds to load.
 
 model_app = typer.Typer(no_args_is_help=True, help="Model bundles.")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 # OpenAI CLIP's pixel statistics: what most RGB CLIP towers (and their fine-tunes) expect.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,14 +42,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _registry(ctx: typer.Context) -> Registry:
-    # Imported here, not at the top: plugin.cli.main imports this module while it loads.
-    from plugin.cli.main import _settings
-
-    return Registry.for_data_dir(_settings(ctx).data_dir)
-
-
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
+    return Registry.for_data_dir(command_settings(ctx).data_dir)
 
 
 @model_app.command("list")
@@ -58,7 +52,7 @@ def model_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     with exit_on_error():
         entries = registry.list()
     if as_json:
-        _print_json([e.as_dict() for e in entries])
+        print_json([e.as_dict() for e in entries])
         return
     if not entries:
         typer.echo(f"no model bundles in {registry.root}; add one with `pacsclip model install`")
@@ -83,7 +77,7 @@ def model_info(
     with exit_on_error():
         report = registry.info(name, version)
     if as_json:
-        _print_json(_report_json(report))
+        print_json(_report_json(report))
     else:
         _print_report(report)
     if not report.checksums_ok:
@@ -196,7 +190,7 @@ def model_import_onnx(
     activate: Annotated[bool, typer.Option(help="Make it the active bundle.")] = False,
 ) -> None:
     """Check ONNX towers by running them, pin them by SHA-256, write a bundle and install it."""
-    from plugin.models.runtime import OnnxImport
+    from plugin.models.importers.onnx import OnnxImport
 
     registry = _registry(ctx)
     with exit_on_error():
@@ -226,7 +220,7 @@ def model_import_onnx(
 
 
 def _build_and_install(registry: Registry, spec: OnnxImport, activate: bool) -> str:
-    from plugin.models.runtime import build_onnx_bundle
+    from plugin.models.importers.onnx import build_onnx_bundle
 
     # Staged inside the registry root: same file system as the final copy, and a crash
     # leaves only a dot-folder that no listing reads.
@@ -256,8 +250,6 @@ LabelsOption = Annotated[
 
 def _writable_bundle(ctx: typer.Context, bundle: Path | None) -> Path:
     """The folder of the bundle to rewrite: never the copy shipped inside the package."""
-    from plugin.models.registry import builtin_bundle_dirs
-
     if bundle is None:
         active = _registry(ctx).active()
         if active is None:
@@ -282,7 +274,7 @@ def model_calibrate(
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
 ) -> None:
     """Fit each labelled finding's temperature, bias and threshold on local images."""
-    from plugin.models.tuning import calibrate
+    from plugin.bundle_tuning import calibrate
 
     directory = _writable_bundle(ctx, bundle)
     with exit_on_error():
@@ -306,7 +298,7 @@ def model_fit_head(
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
 ) -> None:
     """Fit a few-shot head on cached embeddings of labelled images; store it versioned."""
-    from plugin.models.tuning import fit_head
+    from plugin.bundle_tuning import fit_head
 
     directory = _writable_bundle(ctx, bundle)
     with exit_on_error():
@@ -456,7 +448,7 @@ def model_eval(
         typer.echo(f"error: cannot write the figures to {out_dir}: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     typer.echo(format_evaluation(evaluation))
     typer.echo(f"figures: {', '.join(str(path) for path in figures)}")
@@ -464,7 +456,5 @@ def model_eval(
 
 def _bundle_to_evaluate(ctx: typer.Context, name: str | None, version: str | None) -> Bundle:
     if name is None:
-        from plugin.cli.main import _settings
-
-        return resolve_bundle(_settings(ctx).data_dir)
+        return resolve_bundle(command_settings(ctx).data_dir)
     return load_bundle(_registry(ctx).info(name, version).entry.path)

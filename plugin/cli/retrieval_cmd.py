@@ -14,12 +14,15 @@ from typing import Annotated, Any
 
 import typer
 
+from plugin.cli.common import JsonFlag, command_settings, fail, open_sessions
 from plugin.errors import PacsclipError
+
+# plugin.retrieval.service (the vector indexes, the catalog) is imported inside the functions:
+# it is slow to load.
 
 index_app = typer.Typer(no_args_is_help=True, help="The similar-case retrieval indexes.")
 report_app = typer.Typer(no_args_is_help=True, help="Report texts linked to studies.")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 TopK = Annotated[int, typer.Option("--k", help="How many studies (and reports) to return.")]
 Modality = Annotated[str | None, typer.Option(help="Only studies with this modality (CR, DX...).")]
 SiteKey = Annotated[str | None, typer.Option("--site", help="Only studies of this site key.")]
@@ -34,25 +37,23 @@ Threshold = Annotated[float, typer.Option(help="With --finding: probability thre
 
 @contextmanager
 def _service(ctx: typer.Context) -> Iterator[Any]:
-    from plugin.cli.main import _fail, _open_sessions, _settings
     from plugin.retrieval.service import service_for
 
-    settings = _settings(ctx)
+    settings = command_settings(ctx)
     try:
-        yield service_for(settings, _open_sessions(settings))
+        yield service_for(settings, open_sessions(settings))
     except (PacsclipError, ValueError) as exc:
-        raise _fail(str(exc), 1) from exc
+        raise fail(str(exc), 1) from exc
 
 
 def _filters(**values: Any) -> Any:
-    from plugin.cli.main import _fail
     from plugin.retrieval.service import Filters
 
     absent = values.pop("absent")
     try:
         return Filters(present=not absent, **values)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 def similar(
@@ -162,12 +163,10 @@ def report_add(
     as_json: JsonFlag = False,
 ) -> None:
     """Link a report's text to a study and index it for search."""
-    from plugin.cli.main import _fail
-
     try:
         text = typer.get_text_stream("stdin").read() if str(file) == "-" else file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"cannot read the report text: {exc}") from exc
+        raise fail(f"cannot read the report text: {exc}") from exc
     with _service(ctx) as service:
         answer = service.add_report(study_uid, text, source="api")
     if as_json:

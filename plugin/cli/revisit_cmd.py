@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from plugin.cli.errors import exit_on_error
+from plugin.cli.common import JsonFlag, command_settings, exit_on_error
 
 if TYPE_CHECKING:
     from plugin.adaptation import Method, Results
     from plugin.concepts.extract import SentenceSplitter
+
+# The commands import the revisit pipeline inside the function: torch (plugin.adaptation, the
+# stored models) and the concept lexicons are slow to load.
 
 revisit_app = typer.Typer(no_args_is_help=True, help="7-day ER revisit risk model.")
 
@@ -37,7 +40,6 @@ EncountersOption = Annotated[
         "note_text, revisit_7d; optional triage_<finding> columns.",
     ),
 ]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 SeedOption = Annotated[int, typer.Option(help="Random seed.")]
 KOption = Annotated[int, typer.Option("--k", help="Most frequent concepts kept as features.")]
 SplitterOption = Annotated[
@@ -46,10 +48,7 @@ SplitterOption = Annotated[
 
 
 def _data_dir(ctx: typer.Context) -> Path:
-    # Imported here: plugin.cli.main imports this module while it loads.
-    from plugin.cli.main import _settings
-
-    return _settings(ctx).data_dir
+    return command_settings(ctx).data_dir
 
 
 def _method(name: str) -> Method:
@@ -112,7 +111,7 @@ def revisit_train(
     from plugin.adaptation import TrainConfig
     from plugin.revisit.encounters import read_encounters
     from plugin.revisit.features import FeatureSpec, NoteConcepts, RevisitError
-    from plugin.revisit.model import ModelStore, fit_revisit_model
+    from plugin.revisit.risk_model import ModelStore, fit_revisit_model
 
     chosen, split = _method(method), _splitter(splitter)
     store = ModelStore.for_data_dir(_data_dir(ctx))
@@ -277,7 +276,12 @@ def revisit_score(
     """Score encounters' 7-day revisit risk with a stored model."""
     from plugin.revisit.encounters import read_encounters
     from plugin.revisit.features import NoteConcepts
-    from plugin.revisit.model import ModelStore, load_artefact, risks_document, score_encounters
+    from plugin.revisit.risk_model import (
+        ModelStore,
+        load_artefact,
+        risks_document,
+        score_encounters,
+    )
 
     with exit_on_error():
         chosen = (

@@ -9,7 +9,9 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from plugin.cli.common import JsonFlag, command_settings, fail
 from plugin.errors import PacsclipError
+from plugin.models.registry import resolve_bundle
 
 
 def triage(
@@ -18,7 +20,7 @@ def triage(
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle folder (default: the active or built-in one).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: JsonFlag = False,
     saliency: Annotated[bool, typer.Option(help="Compute heat maps.")] = True,
     saliency_out: Annotated[
         Path | None, typer.Option(help="Write each heat map here as .npy.")
@@ -26,24 +28,23 @@ def triage(
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
 ) -> None:
     """Score a study's images: findings, calibrated decisions, priority, heat maps."""
+    # Imported here: pydicom and onnxruntime (plugin.inference) are slow to load.
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    from plugin.cli.main import _fail, _settings
     from plugin.inference import TriageModel
-    from plugin.models.registry import resolve_bundle
 
-    settings = _settings(ctx)
+    settings = command_settings(ctx)
     paths = [p for f in files for p in (sorted(f.rglob("*")) if f.is_dir() else [f]) if p.is_file()]
     try:
         datasets = [dcmread(p) for p in paths]
     except (OSError, InvalidDicomError) as exc:
-        raise _fail(f"cannot read a DICOM file: {exc}") from exc
+        raise fail(f"cannot read a DICOM file: {exc}") from exc
     try:
         model = TriageModel(resolve_bundle(settings.data_dir, bundle), threads=threads)
         report = model.triage(datasets, saliency=saliency)
     except (PacsclipError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     if saliency_out is not None:
         saliency_out.mkdir(parents=True, exist_ok=True)
         for s in report.saliency:

@@ -2,7 +2,8 @@
 
 ``train_demo`` writes the weight files and returns the manifest's fields; this module adds
 what a bundle needs on top (format version, a version string, SHA-256 pins, the STAT
-threshold) and writes ``bundle.json`` next to ``train-result.json``. It needs no torch.
+threshold) and writes ``bundle.json`` next to ``train-result.json`` with
+:mod:`plugin.models.bundle_writer`. It needs no torch.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ from plugin.models.bundle import (
     BundleError,
     Manifest,
     TextEncoderSpec,
-    load_bundle,
-    pin_file,
     validate_model,
-    write_manifest,
 )
+from plugin.models.bundle_writer import pin_file, write_bundle
 
 TRAIN_RESULT_FILE: Final = "train-result.json"
 # A finding in priority.stat_if_any needs a threshold on its calibrated probability;
@@ -78,8 +77,7 @@ def write_demo_bundle(directory: Path, result: Mapping[str, Any], version: str) 
     if missing:
         raise BundleError(f"{directory} lacks the trained files {missing}: train into it first")
     _write_json(directory / TRAIN_RESULT_FILE, result)
-    write_manifest(directory, demo_manifest(result, version, directory))
-    return load_bundle(directory)
+    return write_bundle(directory, demo_manifest(result, version, directory))
 
 
 def read_train_result(directory: Path) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Model bundles (manifest, checksums), the bundle registry, and the ONNX Runtime encoders.
 
-Bundles and the registry are re-exported here; the encoders live in ``plugin.models.runtime``
-and are imported from there, so that reading a manifest never loads onnxruntime.
+Bundles, their writer and the registry are re-exported here; the encoders live in
+``plugin.models.runtime`` and the importers in ``plugin.models.importers``, and are imported
+from there, so that reading a manifest never loads onnxruntime.
 """
 
 from plugin.models.bundle import (
@@ -16,11 +17,10 @@ from plugin.models.bundle import (
     Manifest,
     check_files,
     load_bundle,
-    pin_file,
     read_manifest,
     sha256_file,
-    write_manifest,
 )
+from plugin.models.bundle_writer import pin_file, write_manifest
 from plugin.models.registry import Registry, RegistryEntry, RegistryError
 
 __all__ = [

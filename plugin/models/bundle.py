@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import types
 import typing
@@ -27,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from plugin.disclaimers import SYNTHETIC_MODEL
 from plugin.errors import PacsclipError
-from plugin.notices import SYNTHETIC_MODEL
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "bundle.json"
@@ -422,11 +421,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pin_file(directory: Path, relative_path: str) -> FileRef:
-    """A :class:`FileRef` for a file already inside ``directory``."""
-    return FileRef(path=relative_path, sha256=sha256_file(directory / relative_path))
-
-
 def pinned_files(manifest: Manifest) -> dict[str, FileRef]:
     """Every pinned file of a manifest by label (``files.*``, projection, heads)."""
     refs: dict[str, FileRef] = {
@@ -495,19 +489,6 @@ def load_bundle(directory: Path) -> Bundle:
             "Copy the bundle again from its source, or re-pin a deliberately changed file."
         )
     return Bundle(manifest=manifest, directory=directory)
-
-
-def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write ``bundle.json`` (temp file + rename, so a reader never sees half a manifest)."""
-    path = directory / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
 
 
 def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[str]:

@@ -18,7 +18,8 @@ from onnxruntime.quantization import (  # type: ignore[import-untyped]
     quantize_dynamic,
 )
 
-from plugin.models.bundle import Bundle, load_bundle, pin_file, write_manifest
+from plugin.models.bundle import Bundle, load_bundle
+from plugin.models.bundle_writer import pin_file, write_bundle
 from plugin.models.runtime import ImageEncoder
 
 INT8_SUFFIX = "-int8"
@@ -63,8 +64,7 @@ def quantize_bundle(src: Path, dest: Path, *, threads: int | None = 1) -> tuple[
     manifest = original.manifest.model_copy(
         update={"version": original.version + INT8_SUFFIX, "files": files}
     )
-    write_manifest(dest, manifest)
-    quantized = load_bundle(dest)
+    quantized = write_bundle(dest, manifest)
     probe = probe_inputs(original)
     parity = embedding_parity(
         ImageEncoder(original, threads=threads).encode(probe),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from plugin.durable import fsync_dir
 from plugin.errors import PacsclipError
 from plugin.models.bundle import (
     Bundle,
@@ -245,7 +246,7 @@ class Registry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return _InstalledRecord(
             name=bundle.name,
             version=bundle.version,
@@ -311,7 +312,7 @@ class Registry:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -323,14 +324,6 @@ class Registry:
                 yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:

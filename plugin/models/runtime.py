@@ -11,9 +11,7 @@ gives ``text_embeds`` [N, D].
 
 from __future__ import annotations
 
-import io
 import logging
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,21 +22,7 @@ import numpy.typing as npt
 import onnxruntime as ort  # type: ignore[import-untyped]
 
 from plugin.errors import PacsclipError
-from plugin.models.bundle import (
-    FORMAT_VERSION,
-    Bundle,
-    BundleError,
-    BundleFiles,
-    Finding,
-    ImageSpec,
-    ModelCard,
-    PromptsFile,
-    TextEncoderSpec,
-    load_bundle,
-    parse_manifest,
-    pin_file,
-    write_manifest,
-)
+from plugin.models.bundle import Bundle, BundleError, Finding
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -379,130 +363,3 @@ def embed_prompts(encoder: TextEncoder, findings: Sequence[Finding]) -> PromptEm
     positive = {f.name: encoder.encode(f.prompt_texts(positive=True)) for f in findings}
     negative = {f.name: encoder.encode(f.prompt_texts(positive=False)) for f in findings}
     return PromptEmbeddings(positive=positive, negative=negative)
-
-
-def write_prompt_embeddings(path: Path, prompts: PromptEmbeddings) -> None:
-    """Write prompt_embeddings.npz with keys ``<finding>/positive`` and ``<finding>/negative``."""
-    arrays: dict[str, FloatArray] = {}
-    for name in prompts.positive:
-        arrays[f"{name}/positive"] = np.asarray(prompts.positive[name], dtype=np.float32)
-        arrays[f"{name}/negative"] = np.asarray(prompts.negative[name], dtype=np.float32)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    path.write_bytes(buffer.getvalue())
-
-
-# -- building a bundle from ONNX towers (``pacsclip model import-onnx``) ----------------------
-
-
-IMPORTED_MODEL_CARD = ModelCard(
-    intended_use="Imported with `pacsclip model import-onnx`; the operator must describe the "
-    "intended use here before clinical deployment.",
-    training_data="Not described; the operator must fill this in.",
-    limitations="Not described; the operator must fill this in.",
-    not_for_clinical_use=True,
-)
-
-
-@dataclass(frozen=True)
-class OnnxImport:
-    """What ``import-onnx`` needs to build a bundle from operator-supplied ONNX towers."""
-
-    image_tower: Path
-    name: str
-    version: str
-    embedding_dim: int
-    image: ImageSpec
-    text_tower: Path | None = None
-    tokenizer_dir: Path | None = None
-    prompts: PromptsFile | None = None  # findings, priority and logit_scale
-    model_card: ModelCard = IMPORTED_MODEL_CARD
-
-
-def build_onnx_bundle(spec: OnnxImport, dest: Path, threads: int | None = 1) -> Bundle:
-    """Copy the towers into ``dest``, check them by running them, pin them, embed the prompts.
-
-    The towers are run once on dummy input, so a wrong tensor name, shape or embedding size
-    fails here, at import, rather than on the first study.
-    """
-    _check_import_inputs(spec)
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec.image_tower, dest / "image_tower.onnx")
-    files = BundleFiles(image_tower=pin_file(dest, "image_tower.onnx"))
-    text = TextEncoderSpec()
-    if spec.text_tower is not None and spec.tokenizer_dir is not None:
-        files, text = _copy_text_tower(spec.text_tower, spec.tokenizer_dir, dest, files)
-    manifest_data: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "name": spec.name,
-        "version": spec.version,
-        "embedding_dim": spec.embedding_dim,
-        "synthetic": False,
-        "image": spec.image,
-        "files": files,
-        "text_encoder": text,
-        "model_card": spec.model_card,
-        # findings, priority and logit_scale; without a prompts file the defaults apply
-        **(spec.prompts.model_dump() if spec.prompts is not None else {}),
-    }
-    write_manifest(dest, parse_manifest(manifest_data, source="the import-onnx options"))
-    bundle = load_bundle(dest)
-    _smoke_test_image(bundle, threads)
-    if text.kind == "onnx":
-        encoder = TextEncoder(bundle, threads=threads)
-        encoder.encode(["chest radiograph"])
-        if bundle.findings:
-            bundle = _add_prompt_embeddings(bundle, embed_prompts(encoder, bundle.findings))
-    return bundle
-
-
-def _check_import_inputs(spec: OnnxImport) -> None:
-    if (spec.text_tower is None) != (spec.tokenizer_dir is None):
-        raise BundleError("--text and --tokenizer go together: give both or neither")
-    if spec.prompts is not None and spec.text_tower is None:
-        raise BundleError(
-            "findings need prompt embeddings, which import-onnx computes with the text tower: "
-            "give --text and --tokenizer, or leave out --prompts"
-        )
-    for path in (spec.image_tower, spec.text_tower):
-        if path is not None and not path.is_file():
-            raise BundleError(f"{path} does not exist or is not a file")
-    if spec.tokenizer_dir is not None and not (spec.tokenizer_dir / "tokenizer.json").is_file():
-        raise BundleError(
-            f"{spec.tokenizer_dir} has no tokenizer.json; give the folder of a Hugging Face "
-            "tokenizer saved with tokenizer.save() or save_pretrained()"
-        )
-
-
-def _copy_text_tower(
-    text_tower: Path, tokenizer_dir: Path, dest: Path, files: BundleFiles
-) -> tuple[BundleFiles, TextEncoderSpec]:
-    shutil.copyfile(text_tower, dest / "text_tower.onnx")
-    (dest / "tokenizer").mkdir(exist_ok=True)
-    for item in tokenizer_dir.iterdir():
-        if item.is_file():
-            shutil.copyfile(item, dest / "tokenizer" / item.name)
-    files = files.model_copy(
-        update={
-            "text_tower": pin_file(dest, "text_tower.onnx"),
-            "tokenizer": pin_file(dest, "tokenizer/tokenizer.json"),
-        }
-    )
-    return files, TextEncoderSpec(kind="onnx")
-
-
-def _smoke_test_image(bundle: Bundle, threads: int | None) -> None:
-    encoder = ImageEncoder(bundle, threads=threads)
-    # Two images exercise the batch axis: a dynamic one, or the padding the encoder does
-    # for a tower exported with a fixed batch size.
-    encoder.encode(np.zeros((2, *encoder.input_shape), dtype=np.float32))
-
-
-def _add_prompt_embeddings(bundle: Bundle, prompts: PromptEmbeddings) -> Bundle:
-    write_prompt_embeddings(bundle.directory / "prompt_embeddings.npz", prompts)
-    manifest = bundle.manifest
-    files = manifest.files.model_copy(
-        update={"prompt_embeddings": pin_file(bundle.directory, "prompt_embeddings.npz")}
-    )
-    write_manifest(bundle.directory, manifest.model_copy(update={"files": files}))
-    return load_bundle(bundle.directory)

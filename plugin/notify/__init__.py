@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.errors import PacsclipError
-from plugin.notices import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 
 
 class NotificationError(PacsclipError):

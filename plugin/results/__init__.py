@@ -5,8 +5,10 @@ worker writes and dispatches them. UIDs come from `uids`, derived from the study
 model version, so a redelivered task rebuilds identical objects.
 """
 
-from plugin.notices import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
-from plugin.results.model import (
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
+from plugin.results.overlay import build_overlay, overlay_text_lines, render_overlay
+from plugin.results.sr import build_measurement_report
+from plugin.results.study_result import (
     AlgorithmIdentity,
     Decision,
     FindingCode,
@@ -15,8 +17,6 @@ from plugin.results.model import (
     ResultBuildError,
     StudyResult,
 )
-from plugin.results.overlay import build_overlay, overlay_text_lines, render_overlay
-from plugin.results.sr import build_measurement_report
 from plugin.results.uids import ResultUids, device_uid, result_uid, tracking_uid
 
 __all__ = [

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from plugin.results.model import ResultBuildError, StudyResult
+from plugin.results.study_result import ResultBuildError, StudyResult
 from plugin.results.uids import person_name_warnings_suppressed, stamp_instance_creation
 
 RGB = tuple[int, int, int]

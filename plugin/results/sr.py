@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from plugin.results.model import (
+from plugin.results.study_result import (
     AlgorithmIdentity,
     Decision,
     FindingResult,

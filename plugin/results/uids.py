@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM
 
-from plugin.results.model import AlgorithmIdentity
+from plugin.results.study_result import AlgorithmIdentity
 
 ResultRole = Literal["sr-series", "sr-instance", "sc-series", "sc-instance", "tracking", "device"]
 

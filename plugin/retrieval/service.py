@@ -13,25 +13,18 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from plugin.catalog.models import (
-    ImageEmbedding,
-    ReportEmbedding,
-    Series,
-    Site,
-    Study,
-    StudyReport,
-)
+from plugin.catalog import reports as stored_reports
+from plugin.catalog.embeddings import sop_instance_uids_of, study_vectors
 from plugin.catalog.repository import latest_findings
+from plugin.catalog.studies import studies_matching, study_attributes, study_id_of, study_patient
 from plugin.models.bundle import Bundle
 from plugin.retrieval.index import Hit, RetrievalError, VectorIndex, Vectors
 from plugin.retrieval.store import IndexStore, Kind
@@ -191,22 +184,17 @@ class RetrievalService:
         filters = filters or Filters()
         ref = self.bundle.ref
         with self.sessions() as session:
-            study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-            if study is None:
+            found = study_patient(session, study_uid)
+            if found is None:
                 raise UnknownStudy(f"no study {study_uid} in the catalog")
-            rows = session.execute(
-                select(ImageEmbedding.vector).where(
-                    ImageEmbedding.study_id == study.id, ImageEmbedding.model_ref == ref
-                )
-            ).all()
-            patient = study.patient_id
-            query_study = study.id
+            query_study, patient = found
+            blobs = study_vectors(session, query_study, ref)
         answer: dict[str, Any] = {"model": self.model, "query": {"study": study_uid}}
-        if not rows:
+        if not blobs:
             answer.update(priors=[], similar=[], reports=[])
             answer["note"] = f"the study has no image embeddings of model {ref}: analyse it first"
             return answer
-        queries = np.stack([np.frombuffer(blob, dtype="<f4") for (blob,) in rows])
+        queries = np.stack([np.frombuffer(blob, dtype="<f4") for blob in blobs])
         studies = self._studies_for(queries, k, filters, exclude=query_study)
         reports = self._reports_for(queries, k, filters, exclude=query_study)
         matches = self._describe(studies, patient)
@@ -243,30 +231,13 @@ class RetrievalService:
         vector = embed_text(self.encoder(), text)
         ref = self.bundle.ref
         with self.sessions() as session:
-            study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
-            if study_id is None:
+            owner = study_id_of(session, study_uid)
+            if owner is None:
                 raise UnknownStudy(f"no study {study_uid} in the catalog")
-            report = _existing_report(session, study_id, source, digest)
-            created = report is None
-            if report is None:
-                report = StudyReport(study_id=study_id, source=source, digest=digest, text=text)
-                session.add(report)
-                try:
-                    session.flush()
-                except IntegrityError:  # the same text arrived twice at once
-                    session.rollback()
-                    report = _existing_report(session, study_id, source, digest)
-                    assert report is not None
-                    created = False
-            embedded = session.scalar(
-                select(ReportEmbedding.id).where(
-                    ReportEmbedding.report_id == report.id, ReportEmbedding.model_ref == ref
-                )
-            )
-            if embedded is None:
-                session.add(_report_embedding(report.id, study_id, ref, vector))
+            report_id, created = stored_reports.keep_report(session, owner, source, digest, text)
+            if not stored_reports.report_embedded(session, report_id, ref):
+                stored_reports.add_report_embedding(session, report_id, owner, ref, vector)
             session.commit()
-            report_id = report.id
         self.store.sync(Kind.REPORTS, ref, self.bundle.manifest.embedding_dim)
         return {"report_id": report_id, "created": created, "model": self.model}
 
@@ -275,17 +246,15 @@ class RetrievalService:
         model is activated); returns how many."""
         ref = self.bundle.ref
         with self.sessions() as session:
-            done = select(ReportEmbedding.report_id).where(ReportEmbedding.model_ref == ref)
-            missing = session.execute(
-                select(StudyReport.id, StudyReport.study_id, StudyReport.text).where(
-                    StudyReport.id.not_in(done)
-                )
-            ).all()
+            missing = stored_reports.reports_without_embedding(session, ref)
             if not missing:
                 return 0
             encoder = self.encoder()
-            for report_id, study_id, text in missing:
-                session.add(_report_embedding(report_id, study_id, ref, embed_text(encoder, text)))
+            for report in missing:
+                vector = embed_text(encoder, report.text)
+                stored_reports.add_report_embedding(
+                    session, report.id, report.study_id, ref, vector
+                )
             session.commit()
         return len(missing)
 
@@ -325,21 +294,14 @@ class RetrievalService:
     def _allowed_studies(self, filters: Filters) -> set[int] | None:
         if not filters.active:
             return None
-        query = select(Study.id).join(Site, Site.id == Study.site_id)
-        if filters.site is not None:
-            query = query.where(Site.key == filters.site)
-        if filters.date_from is not None:
-            query = query.where(Study.study_date >= filters.date_from)
-        if filters.date_to is not None:
-            query = query.where(Study.study_date <= filters.date_to)
-        if filters.modality is not None:
-            query = query.where(
-                Study.id.in_(
-                    select(Series.study_id).where(Series.modality == filters.modality.upper())
-                )
-            )
         with self.sessions() as session:
-            allowed = set(session.scalars(query))
+            allowed = studies_matching(
+                session,
+                site=filters.site,
+                date_from=filters.date_from,
+                date_to=filters.date_to,
+                modality=filters.modality,
+            )
             if filters.finding is not None and allowed:
                 latest = latest_findings(session, list(allowed), algorithm=self._algorithm)
                 allowed = {
@@ -398,19 +360,8 @@ class RetrievalService:
             return []
         ids = [study for study, _, _ in ranked]
         with self.sessions() as session:
-            studies = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(ids)))}
-            sites: dict[int, str] = {
-                i: key for i, key in session.execute(select(Site.id, Site.key))
-            }
-            modalities = _modalities(session, ids)
-            images: dict[int, str] = {
-                key: sop
-                for key, sop in session.execute(
-                    select(ImageEmbedding.id, ImageEmbedding.sop_instance_uid).where(
-                        ImageEmbedding.id.in_([key for _, _, key in ranked])
-                    )
-                )
-            }
+            studies = study_attributes(session, ids)
+            images = sop_instance_uids_of(session, [key for _, _, key in ranked])
             findings = {
                 study: {name: round(p, 4) for name, p in probabilities.items()}
                 for study, probabilities in latest_findings(
@@ -426,8 +377,8 @@ class RetrievalService:
                     similarity=round(float(similarity), 4),
                     best_image=images.get(key),
                     same_patient=patient is not None and study.patient_id == patient,
-                    site=sites.get(study.site_id, ""),
-                    modality=modalities.get(study_id),
+                    site=study.site,
+                    modality=study.modality,
                     study_date=study.study_date,
                     priority=study.priority,
                     findings=findings.get(study_id, {}),
@@ -441,63 +392,24 @@ class RetrievalService:
         if not ranked:
             return []
         with self.sessions() as session:
-            rows = {
-                key: (report, study)
-                for key, report, study in session.execute(
-                    select(ReportEmbedding.id, StudyReport, Study)
-                    .join(StudyReport, StudyReport.id == ReportEmbedding.report_id)
-                    .join(Study, Study.id == StudyReport.study_id)
-                    .where(ReportEmbedding.id.in_([key for _, _, key in ranked]))
-                )
-            }
-            return [
-                ReportMatch(
-                    study_instance_uid=rows[key][1].study_instance_uid,
-                    similarity=round(float(similarity), 4),
-                    source=rows[key][0].source,
-                    excerpt=_excerpt(rows[key][0].text),
-                    same_patient=patient is not None and rows[key][1].patient_id == patient,
-                )
-                for _, similarity, key in ranked
-                if key in rows
-            ]
+            rows = stored_reports.reports_of_embeddings(session, [key for _, _, key in ranked])
+        return [
+            ReportMatch(
+                study_instance_uid=rows[key].study_instance_uid,
+                similarity=round(float(similarity), 4),
+                source=rows[key].source,
+                excerpt=_excerpt(rows[key].text),
+                same_patient=patient is not None and rows[key].patient_id == patient,
+            )
+            for _, similarity, key in ranked
+            if key in rows
+        ]
 
 
 def _bounded(k: int) -> int:
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
     return k
-
-
-def _report_embedding(
-    report_id: int, study_id: int, model_ref: str, vector: Vectors
-) -> ReportEmbedding:
-    return ReportEmbedding(
-        report_id=report_id,
-        study_id=study_id,
-        model_ref=model_ref,
-        dim=int(vector.shape[0]),
-        vector=vector.astype("<f4").tobytes(),
-    )
-
-
-def _existing_report(session: Session, study_id: int, source: str, digest: str) -> Any:
-    return session.scalar(
-        select(StudyReport).where(
-            StudyReport.study_id == study_id,
-            StudyReport.source == source,
-            StudyReport.digest == digest,
-        )
-    )
-
-
-def _modalities(session: Session, study_ids: Iterable[int]) -> dict[int, str]:
-    out: dict[int, set[str]] = {}
-    query = select(Series.study_id, Series.modality).where(Series.study_id.in_(list(study_ids)))
-    for study_id, modality in session.execute(query):
-        if modality:
-            out.setdefault(study_id, set()).add(modality)
-    return {study: "\\".join(sorted(values)) for study, values in out.items()}
 
 
 def _excerpt(text: str) -> str:

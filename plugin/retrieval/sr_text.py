@@ -16,7 +16,7 @@ from pydicom.uid import (
     EnhancedSRStorage,
 )
 
-from plugin.results.model import MANUFACTURER
+from plugin.results.study_result import MANUFACTURER
 
 REPORT_SR_CLASSES = frozenset(
     {BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage, Comprehensive3DSRStorage}

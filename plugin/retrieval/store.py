@@ -23,10 +23,9 @@ from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from plugin.catalog.models import ImageEmbedding, ReportEmbedding
+from plugin.catalog.index_rows import IMAGE_EMBEDDING_ROWS, REPORT_EMBEDDING_ROWS, EmbeddingRows
 from plugin.retrieval.index import IndexCorrupt, VectorIndex, Vectors, read_info, rebuild
 
 logger = logging.getLogger(__name__)
@@ -47,9 +46,9 @@ class Kind(StrEnum):
     REPORTS = "reports"
 
 
-_TABLES: dict[Kind, type[ImageEmbedding] | type[ReportEmbedding]] = {
-    Kind.IMAGES: ImageEmbedding,
-    Kind.REPORTS: ReportEmbedding,
+_ROWS: dict[Kind, EmbeddingRows] = {
+    Kind.IMAGES: IMAGE_EMBEDDING_ROWS,
+    Kind.REPORTS: REPORT_EMBEDDING_ROWS,
 }
 
 
@@ -165,15 +164,11 @@ class IndexStore:
         return index
 
     def _read_owners(self, kind: Kind, model_ref: str, upto: int, owners: Owners) -> None:
-        table = _TABLES[kind]
-        query = (
-            select(table.id, table.study_id)
-            .where(table.model_ref == model_ref, table.id <= upto)
-            .execution_options(yield_per=CATCH_UP_BATCH)
-        )
         with self.sessions() as session:
-            for key, study in session.execute(query):
-                owners.add(int(key), int(study))
+            for key, study in _ROWS[kind].owners(
+                session, model_ref, upto=upto, batch=CATCH_UP_BATCH
+            ):
+                owners.add(key, study)
 
     def _catch_up(self, index: VectorIndex, kind: Kind, owners: Owners) -> None:
         held = set(index.recent_keys(2 * COMMIT_LAG_IDS).tolist())
@@ -194,17 +189,12 @@ class IndexStore:
     def _rows(
         self, kind: Kind, model_ref: str, *, after: int, owners: Owners
     ) -> Iterator[tuple[int, Vectors]]:
-        table = _TABLES[kind]
-        query = (
-            select(table.id, table.study_id, table.vector)
-            .where(table.model_ref == model_ref, table.id > after)
-            .order_by(table.id)
-            .execution_options(yield_per=CATCH_UP_BATCH)
-        )
         with self.sessions() as session:
-            for key, study, blob in session.execute(query):
-                owners.add(int(key), int(study))
-                yield int(key), np.frombuffer(blob, dtype="<f4").astype(np.float32)
+            for key, study, blob in _ROWS[kind].after(
+                session, model_ref, after=after, batch=CATCH_UP_BATCH
+            ):
+                owners.add(key, study)
+                yield key, np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
 def _saved_high_water(path: Path) -> int:

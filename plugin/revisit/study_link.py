@@ -11,15 +11,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from plugin.catalog.models import RevisitScore, Study
 from plugin.catalog.repository import latest_findings
-from plugin.notices import NOT_FOR_DIAGNOSIS
+from plugin.catalog.revisit_scores import RevisitRisk, keep_revisit_score
+from plugin.catalog.studies import study_id_of
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS
 from plugin.revisit.encounters import TRIAGE_PREFIX, encounters_from_records
 from plugin.revisit.features import RevisitError
-from plugin.revisit.model import ModelStore, RevisitModel, score_encounters
+from plugin.revisit.risk_model import ModelStore, RevisitModel, score_encounters
 
 
 class StudyNotFound(RevisitError):
@@ -43,7 +43,7 @@ def score_study_encounter(
     """Score one encounter of a study, store the risk on the study, return what was stored."""
     model = ModelStore.for_data_dir(data_dir).load()
     with sessions() as session:
-        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+        study_id = study_id_of(session, study_uid)
         if study_id is None:
             raise StudyNotFound(f"no study {study_uid} in the catalog")
         triage = latest_triage(session, study_id)
@@ -52,37 +52,28 @@ def score_study_encounter(
     table = encounters_from_records([record], require_labels=False)
     [risk] = score_encounters(model, table, extract(list(table.notes), model))
     linked = sorted(k.removeprefix(TRIAGE_PREFIX) for k in triage)
-    values = {
-        "risk": risk.risk,
-        "flagged": risk.risk >= threshold,
-        "threshold": threshold,
-        "method": model.method,
-        "triage_linked": linked,
-    }
+    score = RevisitRisk(
+        study_id=study_id,
+        encounter_id=risk.encounter_id,
+        algorithm_name=model.name,
+        algorithm_version=str(model.version),
+        risk=risk.risk,
+        flagged=risk.risk >= threshold,
+        threshold=threshold,
+        method=model.method,
+        triage_linked=linked,
+    )
     with sessions.begin() as session:
-        row = session.scalar(
-            select(RevisitScore).where(
-                RevisitScore.study_id == study_id,
-                RevisitScore.encounter_id == risk.encounter_id,
-                RevisitScore.algorithm_version == str(model.version),
-            )
-        )
-        if row is None:
-            row = RevisitScore(
-                study_id=study_id,
-                encounter_id=risk.encounter_id,
-                algorithm_name=model.name,
-                algorithm_version=str(model.version),
-                **values,
-            )
-            session.add(row)
-        else:  # the same encounter posted again (say, a corrected note): latest wins
-            for key, value in values.items():
-                setattr(row, key, value)
+        # The same encounter posted again (say, a corrected note): latest wins.
+        keep_revisit_score(session, score)
     return {
         "study_instance_uid": study_uid,
         "encounter_id": risk.encounter_id,
         "algorithm": model.identity(),
         "notices": [NOT_FOR_DIAGNOSIS],
-        **values,
+        "risk": score.risk,
+        "flagged": score.flagged,
+        "threshold": score.threshold,
+        "method": score.method,
+        "triage_linked": score.triage_linked,
     }

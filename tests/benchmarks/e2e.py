@@ -1,42 +1,63 @@
-"""End-to-end latency as an operator runs pacsclip: Orthanc pushes a study, the SR comes back.
+"""End-to-end latency as an operator runs pacsclip: Orthanc pushes a study, results come back.
 
 Run from the repository root with the project's virtualenv:
 
-    python tests/benchmarks/e2e.py [--studies 20] [--quiet-studies 5] [--broker sqlite|redis|both]
-                                   [--json]
+    .venv/bin/python tests/benchmarks/e2e.py [--runs 20] [--warmup 1]
+        [--broker sqlite|redis|both] [--datasets cr,ct] [--extra quiet-period|expected-count]
+        [--model-bundle DIR] [--json]
 
-Debian's Orthanc is the PACS; ``pacsclip serve`` (DICOM node, one worker process, HTTP API)
-runs as a subprocess with a fresh data directory, Orthanc as its only allowed caller and its
-only destination. Single-image studies (CT_small copies with fresh UIDs) are sent one at a
-time: uploaded to Orthanc over REST, then pushed to pacsclip with Orthanc's synchronous
-``/modalities/pacsclip/store``. t0 is when that call returns (Orthanc has the C-STORE response
-of the study's last, here only, instance); t1 is when an SR instance of the study can be read
-from Orthanc's REST API (polled every 50 ms). Latency = t1 - t0.
+Debian's Orthanc is the PACS. ``pacsclip serve`` (DICOM node, one worker child, HTTP API) runs
+as a subprocess with a fresh data directory, the built-in demo model and default settings:
+completion when the pushing association is released (plus the release grace), no count query
+peer, the embedded SQLite broker or Redis. The harness only sets what it must (ports on
+127.0.0.1, the API token, Orthanc as the only caller and destination, the worker's metrics
+port, log level WARNING, no free-disk floor).
 
-Scenarios, per broker (the SQLite defaults, Redis):
-- "expected count": Orthanc is also the count query peer, so a study is complete as soon as
-  the number of instances Orthanc reports has arrived; the quiet period does not apply.
-- "quiet period": no count query peer, so a study is complete only after the quiet period
-  (default 2 s) without new images: what that wait costs.
+Data sets, one study at a time, each with fresh Study/Series/SOP Instance UIDs per run:
+- "cr": 1 image, RG1 (the real PA chest radiograph of pydicom-data, uncompressed);
+- "ct": 50 images, copies of pydicom's CT_small as one series.
+Each study is uploaded to Orthanc over REST first (not timed), then pushed to pacsclip with
+Orthanc's synchronous ``POST /modalities/pacsclip/store``.
 
-Everything listens on 127.0.0.1; every process is stopped by its PID. Not a pytest test.
+Latency: from the start of that push call to the moment the SR and every overlay (secondary
+capture, modality OT) of the study are readable in Orthanc's REST API (polled every 50 ms).
+The next study starts once the study is delivered and the metrics have settled.
+
+Per-stage breakdown, per run, from Prometheus metrics (the delta of _sum/_count over the run):
+- receive: the push call's duration (harness clock);
+- completion wait: push call returned -> study complete: the first image's arrival (the API's
+  received_at) + pacsclip_received_to_complete_seconds (node, API /metrics) - receive;
+- queue wait: pacsclip_complete_to_analysed_seconds - pacsclip_analysis_duration_seconds
+  (worker /metrics on PACSCLIP_WORKER_METRICS_PORT);
+- analysis and its steps: pacsclip_analysis_duration_seconds and
+  pacsclip_analysis_step_seconds{step=...} (summed over the images of the study; "n/a" where
+  the worker does not report the step histogram);
+- dispatch: pacsclip_analysed_to_delivered_seconds, the MEAN over the study's delivered
+  objects (an object count per observation; the objects of one dispatch job share one value,
+  so with the single destination here the mean is also the max);
+- Orthanc: delivered -> readable in Orthanc, the remainder of the latency.
+
+Everything listens on 127.0.0.1; every wait is bounded; serve and Orthanc are stopped by PID.
+Not a pytest test.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.uid import generate_uid
 
 # Run as a script, this file's folder is on sys.path, not the repository root with tests.peers.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,78 +75,88 @@ if str(REPO_ROOT) not in sys.path:
 from plugin.models.bundle import read_manifest  # noqa: E402
 from plugin.models.registry import builtin_bundle_dirs  # noqa: E402
 from plugin.settings import Settings  # noqa: E402
-from tests.peers.data import ct_small_copies  # noqa: E402
+from tests.peers.data import ct_small_copies, rg1  # noqa: E402
 from tests.peers.dcmtk import ECHOSCU, dcmtk_env  # noqa: E402
-from tests.peers.orthanc import OrthancServer  # noqa: E402
+from tests.peers.orthanc import OrthancError, OrthancServer  # noqa: E402
 from tests.peers.ports import free_port  # noqa: E402
 
 HOST = "127.0.0.1"
 NODE_AET = "PACSCLIP"
 ORTHANC_AET = "ORTHANC"
-REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own, flushed before each run
-TARGET_P95_S = 3.0
+REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own, flushed before each serve
+TARGETS_P95_S = {"sqlite": 3.0, "redis": 1.5}  # the CR, default settings
 POLL_S = 0.05
-SR_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 120.0
 DELIVERED_TIMEOUT_S = 30.0
-READY_TIMEOUT_S = 90.0
+METRICS_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 10.0
+
+# Metric names (histograms; _sum and _count are read).
+RECEIVED_TO_COMPLETE = "pacsclip_received_to_complete_seconds"  # node: API /metrics
+COMPLETE_TO_ANALYSED = "pacsclip_complete_to_analysed_seconds"  # worker
+ANALYSED_TO_DELIVERED = "pacsclip_analysed_to_delivered_seconds"  # worker, per object
+ANALYSIS_DURATION = "pacsclip_analysis_duration_seconds"  # worker
+ANALYSIS_STEP = "pacsclip_analysis_step_seconds"  # worker, label step
+STEPS = ("read", "decode", "inference", "saliency", "build", "write", "record")
+
 COMPARISON = (
     "For comparison: mercure waits 60 s per series before it treats a series as complete,"
     " Orthanc's StableAge is 60 s by default."
 )
 
 
+# --- data sets and scenarios ------------------------------------------------------------------
+
+
+@functools.cache
+def rg1_template() -> pydicom.Dataset:
+    return pydicom.dcmread(rg1("uncompressed"))
+
+
+def write_rg1_copy(out_dir: Path) -> list[Path]:
+    """RG1 with fresh Study/Series/SOP Instance UIDs, as one file in out_dir."""
+    ds = rg1_template()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "rg1.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return [path]
+
+
 @dataclass(frozen=True)
-class ModelChoice:
-    """The model pacsclip serve runs: the built-in demo, or a tiny bundle built here."""
+class DataSet:
+    key: str
+    label: str
+    images: int
+    write: Callable[[Path], list[Path]]
+    result_timeout_s: float  # push start -> all results readable in Orthanc
 
-    name: str
-    version: str
-    demo: bool
-    bundle_dir: Path | None  # passed as PACSCLIP_MODEL_BUNDLE; None: serve's own default
 
-    def describe(self) -> str:
-        kind = "the built-in demo model" if self.demo else "NOT the demo model"
-        where = f" (PACSCLIP_MODEL_BUNDLE={self.bundle_dir})" if self.bundle_dir else ""
-        return f"{self.name}@{self.version}, {kind}{where}"
+DATASETS = {
+    "cr": DataSet("cr", "CR, 1 image (RG1 chest radiograph)", 1, write_rg1_copy, 60.0),
+    "ct": DataSet(
+        "ct", "CT, 50 images (CT_small copies)", 50, lambda d: ct_small_copies(50, d), 180.0
+    ),
+}
 
 
 @dataclass(frozen=True)
 class Scenario:
-    name: str
-    count_peer: bool
-    studies: int
-    warmup: int  # studies sent first after each start, reported apart (cold worker)
+    key: str
+    label: str
+    datasets: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class StudyTiming:
-    """One study: latency from t0 to the SR in Orthanc, split with the server's timestamps."""
-
-    study_uid: str
-    store_s: float  # Orthanc's synchronous store call, upload excluded
-    latency_s: float  # t0 (store call returned) -> SR readable in Orthanc
-    completion_s: float | None  # t0 -> study completed_at (server clock)
-    analysis_s: float | None  # completed_at -> analysis recorded (queue + inference + SR/SC)
-    dispatch_s: float | None  # analysis recorded -> SR readable in Orthanc
-    completion_reason: str | None
-    algorithm: str | None
-    state: str | None
-
-
-@dataclass
-class ScenarioResult:
-    broker: str
-    scenario: str
-    count_peer: bool
-    timings: list[StudyTiming] = field(default_factory=list)
-    warmup: list[StudyTiming] = field(default_factory=list)  # first studies after start, apart
-    serve_exit: str = "not stopped yet"
-    error: str | None = None
-
-    @property
-    def latencies(self) -> list[float]:
-        return [t.latency_s for t in self.timings]
+DEFAULT_SCENARIO = "default"
+# Optional extras (CR only): the old scenarios, against the default completion on release.
+EXTRAS = {
+    "quiet-period": "quiet period only (PACSCLIP_COMPLETE_ON_RELEASE=false)",
+    "expected-count": "Orthanc as count query peer (PACSCLIP_COUNT_QUERY_PEER)",
+}
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -147,27 +179,59 @@ def summary(values: Sequence[float]) -> dict[str, float] | None:
     }
 
 
-def stage_values(timings: Sequence[StudyTiming], stage: str) -> list[float]:
-    values = (getattr(t, stage) for t in timings)
-    return [v for v in values if v is not None]
+def median_of(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
-# --- model ------------------------------------------------------------------------------------
+# --- Prometheus metrics -----------------------------------------------------------------------
+
+MetricKey = tuple[str, str]  # (sample name, value of the step label or "")
 
 
-def choose_model(tmp: Path) -> ModelChoice:
-    """The built-in demo when it exists (a fresh data directory has no active bundle), else a
-    tiny random-weight bundle from tests/models_fixtures.py."""
-    builtin = builtin_bundle_dirs()
-    if builtin:
-        manifest = read_manifest(builtin[0])
-        return ModelChoice(manifest.name, manifest.version, demo=True, bundle_dir=None)
-    from tests.models_fixtures import TinyImageTower, build_bundle, export_image_tower
+def scrape(url: str, token: str | None = None) -> dict[MetricKey, float]:
+    """The _sum and _count samples of one /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    onnx = export_image_tower(TinyImageTower(), tmp / "tiny_image_tower.onnx")
-    bundle = build_bundle(tmp / "tiny-bundle", onnx, name="bench-tiny-clip", version="0.0.1")
-    manifest = read_manifest(bundle)
-    return ModelChoice(manifest.name, manifest.version, demo=False, bundle_dir=bundle)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        text = response.read().decode()
+    samples: dict[MetricKey, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                samples[(sample.name, sample.labels.get("step", ""))] = sample.value
+    return samples
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    node: dict[MetricKey, float]
+    worker: dict[MetricKey, float]
+
+
+def delta(
+    before: dict[MetricKey, float], after: dict[MetricKey, float], name: str, step: str = ""
+) -> tuple[float, float] | None:
+    """(delta of _sum, delta of _count) of a histogram; None where it is not exported."""
+    total, count = (name + "_sum", step), (name + "_count", step)
+    if total not in after:
+        return None
+    return after[total] - before.get(total, 0.0), after.get(count, 0.0) - before.get(count, 0.0)
+
+
+def delta_sum(
+    before: dict[MetricKey, float], after: dict[MetricKey, float], name: str, step: str = ""
+) -> float | None:
+    found = delta(before, after, name, step)
+    return None if found is None or found[1] <= 0 else found[0]
+
+
+def step_names(snapshot: dict[MetricKey, float]) -> list[str]:
+    """STEPS first, then any other step label the worker reports."""
+    seen = {step for (name, step) in snapshot if name == ANALYSIS_STEP + "_sum" and step}
+    return [*STEPS, *sorted(seen - set(STEPS))]
 
 
 # --- pacsclip serve ---------------------------------------------------------------------------
@@ -186,40 +250,53 @@ class ServeConfig:
     data_dir: Path
     node_port: int
     api_port: int
+    worker_metrics_port: int
     token: str
     orthanc_dicom_port: int
-    count_peer: bool
+    scenario: str
     broker_url: str | None
-    model: ModelChoice
+    model_bundle: Path | None
 
     @property
     def api_url(self) -> str:
         return f"http://{HOST}:{self.api_port}"
 
+    @property
+    def worker_metrics_url(self) -> str:
+        return f"http://{HOST}:{self.worker_metrics_port}/metrics"
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            scrape(self.api_url + "/metrics", self.token), scrape(self.worker_metrics_url)
+        )
+
 
 def serve_env(config: ServeConfig) -> dict[str, str]:
-    """TCP_NODELAY=1, no inherited PACSCLIP_* settings, and the benchmark's settings."""
+    """TCP_NODELAY=1, no inherited PACSCLIP_* settings, and only what the harness needs."""
     env = {k: v for k, v in dcmtk_env().items() if not k.startswith("PACSCLIP_")}
     orthanc = {"ae_title": ORTHANC_AET, "host": HOST, "port": config.orthanc_dicom_port}
     env |= {
         "PACSCLIP_DATA_DIR": str(config.data_dir),
         "PACSCLIP_DICOM_HOST": HOST,
         "PACSCLIP_DICOM_PORT": str(config.node_port),
+        "PACSCLIP_API_HOST": HOST,
         "PACSCLIP_API_PORT": str(config.api_port),
         "PACSCLIP_API_TOKEN": config.token,
+        "PACSCLIP_WORKER_METRICS_PORT": str(config.worker_metrics_port),
         "PACSCLIP_LOG_LEVEL": "WARNING",
         "PACSCLIP_MIN_FREE_DISK_MB": "0",
         "PACSCLIP_ALLOWED_CALLERS": json.dumps([ORTHANC_AET]),
         "PACSCLIP_DESTINATIONS": json.dumps([{"name": "pacs", **orthanc}]),
-        "PACSCLIP_INFERENCE_THREADS": "1",
     }
-    if config.count_peer:
+    if config.scenario == "quiet-period":
+        env["PACSCLIP_COMPLETE_ON_RELEASE"] = "false"
+    if config.scenario == "expected-count":
         env["PACSCLIP_COUNT_QUERY_PEER"] = json.dumps(orthanc)
     if config.broker_url:
         env["PACSCLIP_BROKER_URL"] = config.broker_url
         env["PACSCLIP_RESULT_BACKEND_URL"] = config.broker_url
-    if config.model.bundle_dir is not None:
-        env["PACSCLIP_MODEL_BUNDLE"] = str(config.model.bundle_dir)
+    if config.model_bundle is not None:
+        env["PACSCLIP_MODEL_BUNDLE"] = str(config.model_bundle)
     return env
 
 
@@ -252,11 +329,19 @@ def health_ok(api_url: str) -> bool:
         return False
 
 
+def worker_metrics_ok(url: str) -> bool:
+    try:
+        scrape(url)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def wait_ready(process: subprocess.Popen[bytes], config: ServeConfig, log: Path) -> float:
-    """Block until the node answers C-ECHO and the API its health check; return the seconds."""
+    """Until the node answers C-ECHO, the API its health check and the worker its /metrics."""
     started = time.monotonic()
     deadline = started + READY_TIMEOUT_S
-    echoed = healthy = False
+    echoed = healthy = worker = False
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(
@@ -264,12 +349,13 @@ def wait_ready(process: subprocess.Popen[bytes], config: ServeConfig, log: Path)
             )
         echoed = echoed or echo_ok(config.node_port)
         healthy = healthy or health_ok(config.api_url)
-        if echoed and healthy:
+        worker = worker or worker_metrics_ok(config.worker_metrics_url)
+        if echoed and healthy and worker:
             return time.monotonic() - started
         time.sleep(0.2)
     raise TimeoutError(
         f"pacsclip serve not ready after {READY_TIMEOUT_S:.0f} s (C-ECHO ok: {echoed}, "
-        f"health ok: {healthy}); log {log}"
+        f"health ok: {healthy}, worker /metrics ok: {worker}); log {log}"
     )
 
 
@@ -295,17 +381,44 @@ def stop_serve(process: subprocess.Popen[bytes], log: Path) -> str:
     return verdict + kill_leftovers(process.pid)
 
 
+def group_members(pgid: int) -> list[str]:
+    """PID, name, state and command line of each process of a process group (/proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 1 :].split()
+            if int(fields[2]) == pgid:
+                args = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                members.append(
+                    f"PID {stat.parent.name} ({comm}, state {fields[0]}) {args.strip()[:120]}"
+                )
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
 def kill_leftovers(pgid: int) -> str:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return ""
-    os.killpg(pgid, signal.SIGKILL)
-    return "; processes of its group were still running and were killed"
+    # Zombies (exited, not yet reaped by their new parent) are not left running.
+    running = [m for m in group_members(pgid) if ", state Z)" not in m]
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return ""
+    if not running:
+        return ""
+    return "; processes of its group were still running and were killed: " + "; ".join(running)
 
 
 @contextmanager
-def running_serve(config: ServeConfig, log: Path, result: ScenarioResult) -> Iterator[None]:
+def running_serve(
+    config: ServeConfig, log: Path, blocks: Sequence[Block]
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(pacsclip_command()), "serve"],
@@ -319,47 +432,41 @@ def running_serve(config: ServeConfig, log: Path, result: ScenarioResult) -> Ite
     try:
         ready_s = wait_ready(process, config, log)
         progress(f"  pacsclip serve (PID {process.pid}) ready in {ready_s:.1f} s")
-        yield
+        yield process
     finally:
-        result.serve_exit = stop_serve(process, log)
-        progress(f"  pacsclip serve {result.serve_exit}")
+        exit_verdict = stop_serve(process, log)
+        for block in blocks:
+            block.serve_exit = exit_verdict
+        progress(f"  pacsclip serve {exit_verdict}")
 
 
-# --- one study --------------------------------------------------------------------------------
+# --- one run ----------------------------------------------------------------------------------
 
 
-def api_get(config: ServeConfig, path: str) -> Any:
-    request = urllib.request.Request(
-        config.api_url + path, headers={"Authorization": f"Bearer {config.token}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+@dataclass
+class RunTiming:
+    """One study, pushed once. Seconds; None where a figure is not available."""
 
-
-def has_sr(orthanc: OrthancServer, orthanc_study_id: str) -> bool:
-    series: list[dict[str, Any]] = orthanc.get(f"/studies/{orthanc_study_id}/series")
-    return any(s["MainDicomTags"].get("Modality") == "SR" and s["Instances"] for s in series)
-
-
-def wait_for_sr(orthanc: OrthancServer, orthanc_study_id: str, study_uid: str) -> float:
-    """Poll Orthanc every 50 ms until the study has an SR instance; return that moment."""
-    deadline = time.monotonic() + SR_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if has_sr(orthanc, orthanc_study_id):
-            return time.monotonic()
-        time.sleep(POLL_S)
-    raise TimeoutError(f"no SR of study {study_uid} in Orthanc after {SR_TIMEOUT_S:.0f} s")
-
-
-def wait_delivered(config: ServeConfig, study_uid: str) -> dict[str, Any]:
-    """The study as the API shows it once delivered (so the next study starts on an idle
-    worker); after DELIVERED_TIMEOUT_S, as it is then."""
-    deadline = time.monotonic() + DELIVERED_TIMEOUT_S
-    while True:
-        detail: dict[str, Any] = api_get(config, f"/api/studies/{study_uid}")
-        if detail.get("state") == "delivered" or time.monotonic() > deadline:
-            return detail
-        time.sleep(POLL_S)
+    study_uid: str
+    latency_s: float  # push start -> SR and all overlays readable in Orthanc
+    sr_s: float  # push start -> SR readable
+    sc_s: float | None  # push start -> all overlays readable (None: the study has none)
+    receive_s: float  # Orthanc's synchronous push call
+    completion_wait_s: float | None  # push call returned -> study complete
+    queue_s: float | None  # complete -> analysis started (complete_to_analysed - analysis)
+    analysis_s: float | None  # pacsclip_analysis_duration_seconds
+    steps: dict[str, float | None]  # pacsclip_analysis_step_seconds, summed over images
+    dispatch_s: float | None  # analysed -> delivered, mean per delivered object
+    orthanc_s: float | None  # delivered -> readable in Orthanc (the remainder)
+    first_image_s: float | None  # push start -> first image cataloged (server clock)
+    received_to_complete_s: float | None
+    complete_to_analysed_s: float | None
+    delivered_objects: int  # delta of the analysed_to_delivered count
+    result_objects: dict[str, int]  # of the study's analysis, by kind, from the API
+    completion_reason: str | None
+    state: str | None
+    algorithm: str | None
+    notes: list[str] = field(default_factory=list)
 
 
 def server_time(value: str | None) -> float | None:
@@ -370,45 +477,225 @@ def server_time(value: str | None) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
-def difference(later: float | None, earlier: float | None) -> float | None:
-    return None if later is None or earlier is None else later - earlier
+def api_get(config: ServeConfig, path: str) -> Any:
+    request = urllib.request.Request(
+        config.api_url + path, headers={"Authorization": f"Bearer {config.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        return json.loads(response.read())
 
 
-def timing_from(
-    study_uid: str, store_s: float, t0: float, t1: float, t0_wall: float, detail: dict[str, Any]
-) -> StudyTiming:
+def expected_objects(config: ServeConfig, study_uid: str) -> dict[str, int] | None:
+    """Result objects of the study's newest analysis by kind (SR, SC); None before one."""
+    detail = api_get(config, f"/api/studies/{study_uid}")
     results = detail.get("results") or []
-    newest = results[0] if results else {}
-    algorithm = newest.get("algorithm") or {}
-    completed = server_time(detail.get("completed_at"))
-    analysed = server_time(newest.get("created_at"))
-    t1_wall = t0_wall + (t1 - t0)
-    return StudyTiming(
-        study_uid=study_uid,
-        store_s=store_s,
-        latency_s=t1 - t0,
-        completion_s=difference(completed, t0_wall),
-        analysis_s=difference(analysed, completed),
-        dispatch_s=difference(t1_wall, analysed),
-        completion_reason=detail.get("completion_reason"),
-        algorithm=f"{algorithm['name']}@{algorithm['version']}" if algorithm else None,
-        state=detail.get("state"),
+    return kinds_of(results[0]) if results else None
+
+
+def instances_by_modality(orthanc: OrthancServer, orthanc_study_id: str) -> dict[str, int]:
+    series: list[dict[str, Any]] = orthanc.get(f"/studies/{orthanc_study_id}/series")
+    counts: dict[str, int] = {}
+    for s in series:
+        modality = s["MainDicomTags"].get("Modality", "")
+        counts[modality] = counts.get(modality, 0) + len(s["Instances"])
+    return counts
+
+
+def check_alive(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        raise RuntimeError(f"pacsclip serve exited with {process.returncode} during the run")
+
+
+def wait_for_results(
+    orthanc: OrthancServer,
+    config: ServeConfig,
+    process: subprocess.Popen[bytes],
+    orthanc_study_id: str,
+    study_uid: str,
+    deadline: float,
+) -> tuple[float, float | None]:
+    """Poll Orthanc every 50 ms until the SR and every overlay of the study are readable.
+
+    Which objects to wait for is read from the API once the first result shows up in Orthanc
+    (the analysis is recorded before anything is dispatched). Returns the monotonic moments
+    the SR, and the last overlay (None: the analysis made none), became readable.
+    """
+    expected: dict[str, int] | None = None
+    sr_at: float | None = None
+    sc_at: float | None = None
+    seen: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        seen = instances_by_modality(orthanc, orthanc_study_id)
+        now = time.monotonic()
+        if sr_at is None and seen.get("SR", 0) >= max(1, (expected or {}).get("SR", 1)):
+            sr_at = now
+        if expected is None and (seen.get("SR") or seen.get("OT")):
+            expected = expected_objects(config, study_uid)
+        if expected is not None:
+            if sc_at is None and expected.get("SC", 0) and seen.get("OT", 0) >= expected["SC"]:
+                sc_at = now
+            if sr_at is not None and (sc_at is not None or not expected.get("SC", 0)):
+                return sr_at, sc_at
+        check_alive(process)
+        time.sleep(POLL_S)
+    raise TimeoutError(
+        f"results of study {study_uid} not all readable in Orthanc in time: Orthanc holds"
+        f" {seen}, the analysis made {expected or 'nothing yet'}"
     )
 
 
-def run_study(orthanc: OrthancServer, config: ServeConfig, source_dir: Path) -> StudyTiming:
-    [source] = ct_small_copies(1, source_dir)
-    study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
-    orthanc_study_id = orthanc.upload(source)["ParentStudy"]
-    started = time.monotonic()
+def wait_delivered(
+    config: ServeConfig, process: subprocess.Popen[bytes], study_uid: str
+) -> dict[str, Any]:
+    """The study as the API shows it once delivered; after DELIVERED_TIMEOUT_S, as it is."""
+    deadline = time.monotonic() + DELIVERED_TIMEOUT_S
+    while True:
+        detail: dict[str, Any] = api_get(config, f"/api/studies/{study_uid}")
+        if detail.get("state") == "delivered" or time.monotonic() > deadline:
+            return detail
+        check_alive(process)
+        time.sleep(POLL_S)
+
+
+def settled_snapshot(config: ServeConfig, before: Snapshot, objects: int) -> tuple[Snapshot, bool]:
+    """Metrics once the node counted a completion and the worker an analysis and every
+    delivered object (observed just after the delivery is recorded); bounded."""
+    deadline = time.monotonic() + METRICS_TIMEOUT_S
+    while True:
+        after = config.snapshot()
+        r2c = delta(before.node, after.node, RECEIVED_TO_COMPLETE)
+        c2a = delta(before.worker, after.worker, COMPLETE_TO_ANALYSED)
+        a2d = delta(before.worker, after.worker, ANALYSED_TO_DELIVERED)
+        settled = bool(
+            r2c and r2c[1] >= 1 and c2a and c2a[1] >= 1 and a2d and a2d[1] >= max(objects, 1)
+        )
+        if settled or time.monotonic() > deadline:
+            return after, settled
+        time.sleep(0.1)
+
+
+def minus(total: float | None, *parts: float | None) -> float | None:
+    if total is None or any(p is None for p in parts):
+        return None
+    return total - sum(p for p in parts if p is not None)
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Harness clocks of one run: monotonic seconds, and the push start as epoch seconds."""
+
+    start: float
+    start_wall: float
+    pushed: float
+    sr: float
+    sc: float | None
+
+
+def kinds_of(result: dict[str, Any]) -> dict[str, int]:
+    """Result objects of one analysis (from the API) by kind: SR, SC."""
+    return dict(Counter(str(obj.get("kind", "")).upper() for obj in result.get("objects", [])))
+
+
+def timing_from(
+    study_uid: str, moments: Moments, detail: dict[str, Any], before: Snapshot, after: Snapshot
+) -> RunTiming:
+    start, pushed, sr_at, sc_at = moments.start, moments.pushed, moments.sr, moments.sc
+    latency = max(sr_at, sc_at or sr_at) - start
+    receive = pushed - start
+    r2c = delta_sum(before.node, after.node, RECEIVED_TO_COMPLETE)
+    c2a = delta_sum(before.worker, after.worker, COMPLETE_TO_ANALYSED)
+    analysis = delta_sum(before.worker, after.worker, ANALYSIS_DURATION)
+    a2d = delta(before.worker, after.worker, ANALYSED_TO_DELIVERED)
+    dispatch = a2d[0] / a2d[1] if a2d and a2d[1] > 0 else None
+    received_at = server_time(detail.get("received_at"))
+    first_image = None if received_at is None else received_at - moments.start_wall
+    push_start_to_complete = None if first_image is None or r2c is None else first_image + r2c
+    steps: dict[str, float | None] = {
+        step: (
+            None
+            if (found := delta(before.worker, after.worker, ANALYSIS_STEP, step)) is None
+            else found[0]
+        )
+        for step in step_names(after.worker)
+    }
+    results = detail.get("results") or []
+    newest = results[0] if results else {}
+    algorithm = newest.get("algorithm") or {}
+    return RunTiming(
+        study_uid=study_uid,
+        latency_s=latency,
+        sr_s=sr_at - start,
+        sc_s=None if sc_at is None else sc_at - start,
+        receive_s=receive,
+        completion_wait_s=minus(push_start_to_complete, receive),
+        queue_s=minus(c2a, analysis),
+        analysis_s=analysis,
+        steps=steps,
+        dispatch_s=dispatch,
+        orthanc_s=minus(latency, push_start_to_complete, c2a, dispatch),
+        first_image_s=first_image,
+        received_to_complete_s=r2c,
+        complete_to_analysed_s=c2a,
+        delivered_objects=int(a2d[1]) if a2d else 0,
+        result_objects=kinds_of(newest),
+        completion_reason=detail.get("completion_reason"),
+        state=detail.get("state"),
+        algorithm=f"{algorithm['name']}@{algorithm['version']}" if algorithm else None,
+    )
+
+
+def run_once(
+    orthanc: OrthancServer,
+    config: ServeConfig,
+    process: subprocess.Popen[bytes],
+    dataset: DataSet,
+    workdir: Path,
+) -> RunTiming:
+    files = dataset.write(workdir)
+    study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    orthanc_study_id = ""
+    for path in files:
+        orthanc_study_id = orthanc.upload(path)["ParentStudy"]
+    shutil.rmtree(workdir)
+    before = config.snapshot()
+    start_wall, start = time.time(), time.monotonic()
     orthanc.store_to_modality("pacsclip", [orthanc_study_id])
-    t0, t0_wall = time.monotonic(), time.time()
-    t1 = wait_for_sr(orthanc, orthanc_study_id, study_uid)
-    detail = wait_delivered(config, study_uid)
-    return timing_from(study_uid, t0 - started, t0, t1, t0_wall, detail)
+    pushed = time.monotonic()
+    sr_at, sc_at = wait_for_results(
+        orthanc, config, process, orthanc_study_id, study_uid, start + dataset.result_timeout_s
+    )
+    detail = wait_delivered(config, process, study_uid)
+    objects = sum((expected_objects(config, study_uid) or {}).values())
+    after, settled = settled_snapshot(config, before, objects)
+    moments = Moments(start, start_wall, pushed, sr_at, sc_at)
+    timing = timing_from(study_uid, moments, detail, before, after)
+    if not settled:
+        timing.notes.append(f"metrics had not all settled after {METRICS_TIMEOUT_S:.0f} s")
+    if timing.state != "delivered":
+        timing.notes.append(f"API state {timing.state} after {DELIVERED_TIMEOUT_S:.0f} s")
+    # Not timed: keep Orthanc's index and storage small over many runs.
+    orthanc.request("DELETE", f"/studies/{orthanc_study_id}")
+    return timing
 
 
-# --- one scenario -----------------------------------------------------------------------------
+# --- one serve: a broker and a scenario, its data sets ----------------------------------------
+
+
+@dataclass
+class Block:
+    """The runs of one data set in one serve (broker x scenario)."""
+
+    broker: str
+    scenario: str
+    dataset: str
+    runs: list[RunTiming] = field(default_factory=list)
+    warmup: list[RunTiming] = field(default_factory=list)
+    serve_exit: str = "not stopped yet"
+    error: str | None = None
+
+    @property
+    def latencies(self) -> list[float]:
+        return [t.latency_s for t in self.runs]
 
 
 def flush_redis() -> str | None:
@@ -424,40 +711,55 @@ def flush_redis() -> str | None:
     return None
 
 
-def run_scenario(
-    orthanc: OrthancServer, broker: str, scenario: Scenario, model: ModelChoice, root: Path
-) -> ScenarioResult:
-    result = ScenarioResult(broker, scenario.name, scenario.count_peer)
-    workdir = root / f"{broker}-{scenario.name.replace(' ', '-')}"
+def run_serve(
+    orthanc: OrthancServer,
+    broker: str,
+    scenario: Scenario,
+    args: argparse.Namespace,
+    root: Path,
+) -> list[Block]:
+    blocks = [Block(broker, scenario.key, key) for key in scenario.datasets]
+    workdir = root / f"{broker}-{scenario.key}"
     workdir.mkdir()
     config = ServeConfig(
         data_dir=workdir / "data",
         node_port=free_port(),
         api_port=free_port(),
+        worker_metrics_port=free_port(),
         token=secrets.token_urlsafe(24),
         orthanc_dicom_port=orthanc.dicom_port,
-        count_peer=scenario.count_peer,
+        scenario=scenario.key,
         broker_url=REDIS_URL if broker == "redis" else None,
-        model=model,
+        model_bundle=args.model_bundle,
     )
     orthanc.add_modality("pacsclip", NODE_AET, HOST, config.node_port)
-    progress(f"{broker}, {scenario.name}: {scenario.warmup} + {scenario.studies} studies")
+    runs = args.runs if scenario.key == DEFAULT_SCENARIO else args.extra_runs
+    progress(f"[{broker}] {scenario.label}: {args.warmup} warm-up + {runs} runs per data set")
+    log = workdir / "serve.log"
+    current = blocks[0]
     try:
-        with running_serve(config, workdir / "serve.log", result):
-            for number in range(1, scenario.warmup + scenario.studies + 1):
-                timing = run_study(orthanc, config, workdir / f"study-{number:03d}")
-                warm = number > scenario.warmup
-                (result.timings if warm else result.warmup).append(timing)
-                progress(
-                    f"  study {number:3d}{'' if warm else ' (warm-up)'}: {timing.latency_s:6.3f} s"
-                    f" ({timing.completion_reason}, {timing.state})"
-                )
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        result.error = (
-            f"{type(exc).__name__}: {exc}\nserve log tail:\n{log_tail(workdir / 'serve.log')}"
-        )
-        progress(f"  FAILED: {result.error}")
-    return result
+        with running_serve(config, log, blocks) as process:
+            for block in blocks:
+                current = block
+                dataset = DATASETS[block.dataset]
+                for number in range(1, args.warmup + runs + 1):
+                    timing = run_once(
+                        orthanc, config, process, dataset, workdir / f"{dataset.key}-{number:03d}"
+                    )
+                    warm = number > args.warmup
+                    (block.runs if warm else block.warmup).append(timing)
+                    progress(
+                        f"  {dataset.key} {number:3d}{'' if warm else ' (warm-up)'}:"
+                        f" {timing.latency_s:6.3f} s ({timing.completion_reason},"
+                        f" {timing.state}, objects {timing.result_objects})"
+                        + "".join(f"; {n}" for n in timing.notes)
+                    )
+    except (RuntimeError, TimeoutError, OSError, ValueError, OrthancError) as exc:
+        current.error = f"{type(exc).__name__}: {exc}\nserve log tail ({log}):\n{log_tail(log)}"
+        progress(f"  FAILED: {current.error}")
+        for block in blocks[blocks.index(current) + 1 :]:
+            block.error = "not run: an earlier run of this serve failed"
+    return blocks
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -468,136 +770,167 @@ def progress(message: str) -> None:
 
 
 def fmt(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:6.3f}"
+    return "   n/a" if value is None else f"{value:6.3f}"
 
 
 def stats_line(label: str, values: Sequence[float]) -> str:
     figures = summary(values)
     if figures is None:
-        return f"    {label:<28} no data"
+        return f"    {label:<46} no data"
     return (
-        f"    {label:<28} p50 {fmt(figures['p50'])}  p95 {fmt(figures['p95'])}"
+        f"    {label:<46} p50 {fmt(figures['p50'])}  p95 {fmt(figures['p95'])}"
         f"  max {fmt(figures['max'])}  (n={len(values)})"
     )
 
 
-def warmup_line(warmup: Sequence[StudyTiming]) -> str:
-    if not warmup:
-        return "    warm-up: none"
-    each = ", ".join(f"{t.latency_s:.3f} s" for t in warmup)
-    return f"    warm-up (first after start, not in the figures above): {each}"
+def stage_medians(runs: Sequence[RunTiming]) -> list[tuple[str, str, float | None]]:
+    """(key, label, median over the runs) per stage, in pipeline order."""
 
+    def med(get: Callable[[RunTiming], float | None]) -> float | None:
+        return median_of([get(t) for t in runs])
 
-def scenario_block(result: ScenarioResult) -> list[str]:
-    reasons = sorted({str(t.completion_reason) for t in result.timings}) or ["-"]
-    algorithms = sorted({str(t.algorithm) for t in result.timings}) or ["-"]
-    lines = [
-        f"  [{result.broker}] {result.scenario}: {len(result.timings)} studies measured;"
-        f" completion reason {', '.join(reasons)}; model in results {', '.join(algorithms)}",
-        stats_line("latency t0 -> SR in Orthanc", result.latencies),
-        stats_line("  t0 -> complete", stage_values(result.timings, "completion_s")),
-        stats_line("  complete -> analysed", stage_values(result.timings, "analysis_s")),
-        stats_line("  analysed -> SR in Orthanc", stage_values(result.timings, "dispatch_s")),
-        stats_line("(Orthanc store call)", [t.store_s for t in result.timings]),
-        warmup_line(result.warmup),
-        f"    pacsclip serve stop: {result.serve_exit}",
+    steps = list(dict.fromkeys(step for t in runs for step in t.steps)) or list(STEPS)
+    rows: list[tuple[str, str, float | None]] = [
+        ("receive", "receive (Orthanc push call)", med(lambda t: t.receive_s)),
+        (
+            "completion_wait",
+            "completion wait (push returned -> complete)",
+            med(lambda t: t.completion_wait_s),
+        ),
+        ("queue_wait", "queue wait (complete -> analysis starts)", med(lambda t: t.queue_s)),
+        ("analysis", "analysis (model pipeline)", med(lambda t: t.analysis_s)),
     ]
-    if result.error:
-        lines.append(f"    ERROR: {result.error}")
+    rows += [
+        (f"step_{step}", f"  step {step}", median_of([t.steps.get(step) for t in runs]))
+        for step in steps
+    ]
+    rows += [
+        (
+            "dispatch",
+            "dispatch (analysed -> delivered, mean/object)",
+            med(lambda t: t.dispatch_s),
+        ),
+        ("orthanc", "Orthanc (delivered -> readable, remainder)", med(lambda t: t.orthanc_s)),
+    ]
+    return rows
+
+
+def block_lines(block: Block, scenario_label: str) -> list[str]:
+    dataset = DATASETS[block.dataset]
+    reasons = sorted({str(t.completion_reason) for t in block.runs}) or ["-"]
+    algorithms = sorted({str(t.algorithm) for t in block.runs}) or ["-"]
+    objects = sorted({json.dumps(t.result_objects, sort_keys=True) for t in block.runs}) or ["-"]
+    lines = [
+        f"  [{block.broker}] {dataset.label}; {scenario_label}: {len(block.runs)} runs;"
+        f" completion reason {', '.join(reasons)}; model {', '.join(algorithms)};"
+        f" result objects {', '.join(objects)}",
+        stats_line("latency push start -> SR and overlay readable", block.latencies),
+        stats_line("  SR readable", [t.sr_s for t in block.runs]),
+        stats_line("  overlay(s) readable", [t.sc_s for t in block.runs if t.sc_s is not None]),
+        "    stage (median per stage over the runs; medians need not add up):",
+    ]
+    lines += [f"      {label:<48} {fmt(value)}" for _, label, value in stage_medians(block.runs)]
+    if block.warmup:
+        each = ", ".join(f"{t.latency_s:.3f} s" for t in block.warmup)
+        lines.append(f"    warm-up (first after start, not in the figures): {each}")
+    notes = sorted({n for t in block.runs for n in t.notes})
+    lines += [f"    note: {n}" for n in notes]
+    lines.append(f"    pacsclip serve stop: {block.serve_exit}")
+    if block.error:
+        lines.append(f"    ERROR: {block.error}")
     return lines
 
 
-def target_line(results: Sequence[ScenarioResult], model: ModelChoice) -> str:
-    redis_runs = [
-        r for r in results if r.broker == "redis" and r.count_peer and r.latencies and not r.error
-    ]
-    target = f"Target p95 <= {TARGET_P95_S:.0f} s on Redis with the demo model:"
-    if not redis_runs:
-        return f"{target} NOT MEASURED (no complete Redis run with the count peer)"
-    p95 = percentile(redis_runs[0].latencies, 95)
-    met = p95 <= TARGET_P95_S
-    verdict = "MET" if met else "NOT MET"
-    if not model.demo:
-        verdict = (
-            f"not assessable: the demo model is absent, {model.name}@{model.version} ran"
-            f" (p95 {'<=' if met else '>'} {TARGET_P95_S:.0f} s with it)"
-        )
-    return f"{target} Redis p95 {p95:.3f} s -> {verdict}"
+def target_lines(blocks: Sequence[Block], demo: bool) -> list[str]:
+    lines = []
+    for broker, target in TARGETS_P95_S.items():
+        label = f"Target: CR p95 <= {target:g} s on {broker} (default settings):"
+        found = [
+            b
+            for b in blocks
+            if b.broker == broker and b.scenario == DEFAULT_SCENARIO and b.dataset == "cr"
+        ]
+        if not found or not found[0].latencies or found[0].error:
+            lines.append(f"{label} not measured")
+            continue
+        p95 = percentile(found[0].latencies, 95)
+        verdict = "met" if p95 <= target else "NOT met"
+        if not demo:
+            verdict += " (not the demo model: --model-bundle)"
+        lines.append(f"{label} p95 {p95:.3f} s over {len(found[0].latencies)} runs -> {verdict}")
+    return lines
 
 
-def header(args: argparse.Namespace, model: ModelChoice, orthanc: OrthancServer) -> str:
+def header(args: argparse.Namespace, model: str, orthanc: OrthancServer) -> str:
     defaults = Settings.model_fields
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return "\n".join(
         [
-            "End-to-end latency: Orthanc (PACS) -> pacsclip serve -> SR back in Orthanc",
+            "End-to-end latency: Orthanc (PACS) push -> pacsclip serve -> SR and overlay back"
+            " in Orthanc",
             f"CPUs: {os.cpu_count()}; load average at start: {load}",
-            f"Model: {model.describe()}",
-            f"Orthanc {orthanc.get('/system').get('Version')} (TCP_NODELAY=1);"
-            " pacsclip serve: solo worker, PACSCLIP_INFERENCE_THREADS=1, all on 127.0.0.1",
-            f"Workload: single-image studies (CT_small, fresh UIDs), one at a time, the next"
-            f" once the previous is delivered; per run {args.warmup} warm-up, then"
-            f" {args.studies} with the count query peer ({args.quiet_studies} without).",
-            "Each run (broker x scenario) starts pacsclip serve afresh with an empty data"
-            " directory and is ready when the node answers C-ECHO and GET /api/health is ok.",
-            "t0: Orthanc's synchronous C-STORE to pacsclip returned (C-STORE response received);"
-            " t1: an SR of the study readable over Orthanc's REST API (polled every 50 ms).",
-            "Split by the catalog's timestamps (same machine clock): completed_at, analysis"
-            " created_at.",
-            f"Quiet period setting: {defaults['quiet_period_s'].default:g} s (applies only without"
-            f" an expected count); completion check every"
-            f" {defaults['completion_check_interval_s'].default:g} s.",
+            f"Model: {model}",
+            f"Orthanc {orthanc.get('/system').get('Version')} (TCP_NODELAY=1); all on 127.0.0.1",
+            "pacsclip serve with default settings: completion on association release"
+            f" ({defaults['complete_on_release'].default}) + grace"
+            f" {defaults['release_grace_s'].default:g} s, quiet period"
+            f" {defaults['quiet_period_s'].default:g} s, check every"
+            f" {defaults['completion_check_interval_s'].default:g} s, no count query peer,"
+            f" worker pool {defaults['worker_pool'].default}"
+            f" x{defaults['worker_concurrency'].default}; log level WARNING.",
+            f"Per data set: {args.warmup} warm-up run(s), then {args.runs} runs, one study at a"
+            " time (the next once the previous is delivered); fresh UIDs per run.",
+            "Latency: push start (Orthanc's synchronous POST /modalities/pacsclip/store) -> SR"
+            " and every overlay (modality OT) readable over Orthanc's REST API (50 ms polls).",
+            "Stages from the node's and worker's Prometheus metrics (delta of _sum per run);"
+            " dispatch is the mean per delivered object (= the max: one job, one value).",
         ]
     )
 
 
-def report(
-    results: Sequence[ScenarioResult],
-    model: ModelChoice,
-    notes: Sequence[str],
-) -> str:
+def report(blocks: Sequence[Block], notes: Sequence[str], demo: bool) -> str:
+    labels = {DEFAULT_SCENARIO: "default settings", **EXTRAS}
     lines: list[str] = []
-    for result in results:
-        lines += scenario_block(result)
+    for block in blocks:
+        lines += block_lines(block, labels[block.scenario])
     lines += [f"  {note}" for note in notes]
-    count_runs = {r.broker: r for r in results if r.count_peer}
-    quiet_runs = {r.broker: r for r in results if not r.count_peer}
-    for broker, quiet in quiet_runs.items():
-        base = count_runs.get(broker)
-        if base and base.latencies and quiet.latencies:
-            cost = statistics.median(quiet.latencies) - statistics.median(base.latencies)
-            lines.append(f"  [{broker}] quiet period cost (p50 difference): {cost:+.3f} s")
-    lines += [target_line(results, model), COMPARISON]
+    lines += [*target_lines(blocks, demo), COMPARISON]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines.append(f"load average at end: {load}")
     return "\n".join(lines)
 
 
-def rounded(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()}
+def rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
 
 
-def as_json(results: Sequence[ScenarioResult], model: ModelChoice) -> dict[str, Any]:
+def as_json(blocks: Sequence[Block], model: str, demo: bool) -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
-        "model": {"name": model.name, "version": model.version, "demo": model.demo},
-        "target_p95_s": TARGET_P95_S,
-        "quiet_period_s": Settings.model_fields["quiet_period_s"].default,
-        "runs": [
+        "model": model,
+        "demo_model": demo,
+        "targets_p95_s": TARGETS_P95_S,
+        "blocks": [
             {
-                "broker": r.broker,
-                "scenario": r.scenario,
-                "count_query_peer": r.count_peer,
-                "latency_s": summary(r.latencies),
-                "t0_to_complete_s": summary(stage_values(r.timings, "completion_s")),
-                "complete_to_analysed_s": summary(stage_values(r.timings, "analysis_s")),
-                "analysed_to_sr_s": summary(stage_values(r.timings, "dispatch_s")),
-                "serve_exit": r.serve_exit,
-                "error": r.error,
-                "studies": [rounded(asdict(t)) for t in r.timings],
-                "warmup": [rounded(asdict(t)) for t in r.warmup],
+                "broker": b.broker,
+                "scenario": b.scenario,
+                "dataset": b.dataset,
+                "latency_s": summary(b.latencies),
+                "sr_s": summary([t.sr_s for t in b.runs]),
+                "overlay_s": summary([t.sc_s for t in b.runs if t.sc_s is not None]),
+                "stage_medians_s": {k: rounded(v) for k, _, v in stage_medians(b.runs)},
+                "serve_exit": b.serve_exit,
+                "error": b.error,
+                "runs": [rounded(asdict(t)) for t in b.runs],
+                "warmup": [rounded(asdict(t)) for t in b.warmup],
             }
-            for r in results
+            for b in blocks
         ],
     }
 
@@ -607,19 +940,37 @@ def as_json(results: Sequence[ScenarioResult], model: ModelChoice) -> dict[str, 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--studies", type=int, default=20, help="studies with the count peer")
+    parser.add_argument("--runs", type=int, default=20, help="measured runs per data set")
     parser.add_argument(
-        "--quiet-studies", type=int, default=5, help="studies without it (quiet period; 0: none)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="studies first after each start, reported apart"
+        "--warmup", type=int, default=1, help="runs first per data set, reported apart"
     )
     parser.add_argument("--broker", choices=["sqlite", "redis", "both"], default="both")
+    parser.add_argument(
+        "--datasets", default="cr,ct", help="comma-separated: cr (1-image RG1), ct (50 images)"
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        choices=sorted(EXTRAS),
+        default=[],
+        help="also run an old scenario (CR only, its own serve per broker); repeatable",
+    )
+    parser.add_argument("--extra-runs", type=int, default=5, help="runs per extra scenario")
+    parser.add_argument(
+        "--model-bundle",
+        type=Path,
+        default=None,
+        help="PACSCLIP_MODEL_BUNDLE for serve (default: unset, the built-in demo model)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="where work directories go")
     args = parser.parse_args(argv)
-    if args.studies < 1 or min(args.quiet_studies, args.warmup) < 0:
-        parser.error("--studies must be at least 1, --quiet-studies and --warmup at least 0")
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    unknown = sorted(set(args.datasets) - set(DATASETS))
+    if unknown or not args.datasets:
+        parser.error(f"--datasets: choose from {', '.join(DATASETS)} (got {unknown or 'none'})")
+    if args.runs < 1 or args.extra_runs < 1 or args.warmup < 0:
+        parser.error("--runs and --extra-runs must be at least 1, --warmup at least 0")
     return args
 
 
@@ -632,51 +983,57 @@ def check_tools() -> None:
     pacsclip_command()
 
 
+def describe_model(args: argparse.Namespace) -> tuple[str, bool]:
+    if args.model_bundle is not None:
+        manifest = read_manifest(args.model_bundle)
+        return (
+            f"{manifest.name}@{manifest.version}, NOT the demo model"
+            f" (PACSCLIP_MODEL_BUNDLE={args.model_bundle})",
+            False,
+        )
+    builtin = builtin_bundle_dirs()
+    if not builtin:
+        raise SystemExit("the built-in demo model is missing; pass --model-bundle DIR")
+    manifest = read_manifest(builtin[0])
+    return f"{manifest.name}@{manifest.version}, the built-in demo model", True
+
+
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
-    planned = [Scenario("expected count", True, args.studies, args.warmup)]
-    if args.quiet_studies:
-        planned.append(Scenario("quiet period", False, args.quiet_studies, args.warmup))
+    planned = [Scenario(DEFAULT_SCENARIO, "default settings", tuple(args.datasets))]
+    planned += [Scenario(key, EXTRAS[key], ("cr",)) for key in dict.fromkeys(args.extra)]
     return planned
 
 
-def brokers(args: argparse.Namespace, notes: list[str]) -> list[str]:
-    wanted = ["sqlite", "redis"] if args.broker == "both" else [args.broker]
-    if "redis" in wanted and (reason := flush_redis()) is not None:
-        notes.append(reason)
-        progress(reason)
-        wanted.remove("redis")
-    return wanted
-
-
 def run_all(
-    orthanc: OrthancServer, args: argparse.Namespace, model: ModelChoice, root: Path
-) -> tuple[list[ScenarioResult], list[str]]:
+    orthanc: OrthancServer, args: argparse.Namespace, root: Path
+) -> tuple[list[Block], list[str]]:
     notes: list[str] = []
-    results: list[ScenarioResult] = []
-    for broker in brokers(args, notes):
+    blocks: list[Block] = []
+    for broker in ["sqlite", "redis"] if args.broker == "both" else [args.broker]:
         for scenario in scenarios(args):
             if broker == "redis" and (reason := flush_redis()) is not None:
                 notes.append(reason)
+                progress(reason)
                 break
-            results.append(run_scenario(orthanc, broker, scenario, model, root))
-    return results, notes
+            blocks += run_serve(orthanc, broker, scenario, args, root)
+    return blocks, notes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools()
+    model, demo = describe_model(args)
     with tempfile.TemporaryDirectory(prefix="pacsclip-e2e-", dir=args.tmp_dir) as tmp:
         root = Path(tmp)
-        model = choose_model(root)
-        placeholder = {"pacsclip": (NODE_AET, HOST, free_port())}  # re-pointed per serve run
+        placeholder = {"pacsclip": (NODE_AET, HOST, free_port())}  # re-pointed per serve
         with OrthancServer(modalities=placeholder, workdir=root / "orthanc") as orthanc:
             print(header(args, model, orthanc), flush=True)
-            results, notes = run_all(orthanc, args, model, root)
-    print(report(results, model, notes), flush=True)
+            blocks, notes = run_all(orthanc, args, root)
+    print(report(blocks, notes, demo), flush=True)
     if args.json:
-        print(json.dumps(as_json(results, model), indent=2))
-    failed = any(r.error or not r.serve_exit.startswith("exited with 0") for r in results)
-    return 1 if failed or not results else 0
+        print(json.dumps(as_json(blocks, model, demo), indent=2))
+    failed = any(b.error or not b.serve_exit.startswith("exited with 0") for b in blocks)
+    return 1 if failed or not blocks else 0
 
 
 if __name__ == "__main__":

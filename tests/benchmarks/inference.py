@@ -82,7 +82,8 @@ def prepare(workdir: Path) -> dict[str, Path]:
     import torch
 
     from plugin.demo import train
-    from plugin.models.bundle import pin_file, read_manifest, write_manifest
+    from plugin.models.bundle import read_manifest
+    from plugin.models.bundle_writer import pin_file, write_manifest
     from plugin.models.quantize import quantize_bundle
     from plugin.models.registry import DEMO_BUNDLE_DIR
 

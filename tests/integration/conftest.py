@@ -23,8 +23,8 @@ from dicom_node.publish import StudyCompleted
 from plugin.catalog.db import open_catalog
 from plugin.catalog.models import Study
 from plugin.settings import Settings
+from plugin.task_queue import make_celery
 from tests.models_fixtures import TinyImageTower, build_bundle, export_image_tower
-from worker.app import make_celery
 
 
 class RecordingPublisher:

@@ -17,10 +17,11 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicom_node.ae import quiet_identifiers
-from dicom_node.dispatch import Destination, DispatchError, SendReport, send_files
-from dicom_node.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
-from dicom_node.stow import StowDestination, stow_files
+from plugin.delivery.dimse import Destination, send_files
+from plugin.delivery.outcome import DispatchError, SendReport
+from plugin.delivery.stow import StowDestination, stow_files
+from plugin.dicom_logging import quiet_identifiers
+from plugin.dicom_status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import storescp
 from tests.peers.orthanc import OrthancServer

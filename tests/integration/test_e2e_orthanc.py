@@ -125,9 +125,9 @@ def test_orthanc_down_during_dispatch_is_retried_until_it_is_back(
         wait_for_modalities(orthanc, study_uid, ["CT", "OT", "SR"])
         run.wait_for_state(study_uid, "delivered")
     with run.node.sessions() as session:
-        from plugin.catalog.repository import list_jobs
+        from plugin.catalog.dispatch_jobs import recent_jobs
 
-        [job] = list_jobs(session)
+        [job] = recent_jobs(session)
     assert job["state"] == "delivered"
     assert job["attempts"] >= 2  # at least one failed try while Orthanc was down
 

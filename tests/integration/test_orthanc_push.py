@@ -98,14 +98,15 @@ def test_orthanc_pushes_a_study_byte_exact(
     node.publisher.wait_for(1, timeout_s=10)
     time.sleep(SETTLE_S)  # a second completion for the same study would arrive in this time
     completions = [e for e in node.publisher.events if e.study_instance_uid == study_uid]
-    assert [e.reason for e in completions] == ["quiet_period"]
+    # Orthanc pushes a study over one association: complete once it is released.
+    assert [e.reason for e in completions] == ["association_released"]
     assert not completions[0].reanalysis
 
     detail = _detail(node, study_uid)
     assert detail is not None
     assert detail["instances"] == 3
     assert detail["state"] == "complete"
-    assert detail["completion_reason"] == "quiet_period"
+    assert detail["completion_reason"] == "association_released"
     assert detail["calling_ae_title"] == ORTHANC_AET
     assert _detail(node, other_study_uid) is None  # only the requested study was pushed
 

@@ -89,14 +89,14 @@ def test_node_catalogs_into_postgres(
     [done] = node.publisher.wait_for(1, timeout_s=10)
     assert (done.study_instance_uid, done.reason, done.reanalysis) == (
         study_uid,
-        "quiet_period",
+        "association_released",
         False,
     )
 
     # One identical resend and one changed object under a known SOP Instance UID.
     _send([files[0], replacement], node)
     [_, reopened] = node.publisher.wait_for(2, timeout_s=10)
-    assert (reopened.study_instance_uid, reopened.reason) == (study_uid, "quiet_period")
+    assert (reopened.study_instance_uid, reopened.reason) == (study_uid, "association_released")
     assert reopened.reanalysis  # the replacement reopened the completed study
 
     with node.sessions() as session:

@@ -26,7 +26,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from sqlalchemy import func, select
 
-from dicom_node import status
+from plugin import dicom_status as status
 from plugin.catalog import repository
 from plugin.catalog.models import Instance, Study
 from tests.integration.conftest import RunningNode
@@ -81,7 +81,8 @@ def test_storescu_study_is_spooled_cataloged_and_completed(
     study_uid = stored[0].StudyInstanceUID
     [event] = node.publisher.wait_for(1)
     assert event.study_instance_uid == study_uid
-    assert event.reason == "quiet_period"
+    # One association brought the whole study: complete once it was released.
+    assert event.reason == "association_released"
     assert event.reanalysis is False
     assert event.site_key == "STORESCU|JFK IMAGING CENTER"
     with node.sessions() as session:
@@ -306,7 +307,7 @@ def test_studies_cli_lists_the_documented_json_shape(
 def test_completion_waits_for_the_quiet_period(
     start_node: Callable[..., RunningNode], tmp_path: Path
 ) -> None:
-    node = start_node(quiet_period_s=1.5)
+    node = start_node(quiet_period_s=1.5, complete_on_release=False)
     sent_at = time.monotonic()
     storescu(ct_small_copies(1, tmp_path / "src"), "127.0.0.1", node.port, aec="PACSCLIP")
 
@@ -366,7 +367,7 @@ def test_unreachable_count_query_peer_is_logged_and_the_quiet_period_still_appli
     start_node: Callable[..., RunningNode], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     silent = {"ae_title": "NOPACS", "host": "127.0.0.1", "port": free_port()}
-    node = start_node(count_query_peer=silent)
+    node = start_node(count_query_peer=silent, complete_on_release=False)
 
     storescu(ct_small_copies(1, tmp_path / "src"), "127.0.0.1", node.port, aec="PACSCLIP")
     [event] = node.publisher.wait_for(1)

@@ -44,23 +44,45 @@ def wait_until(check: Any, timeout_s: float, what: str) -> Any:
     raise TimeoutError(f"{what} within {timeout_s} s")
 
 
-def test_serve_receives_analyses_reports_and_stops_cleanly(
-    tmp_path: Path, bundle_dir: Path
-) -> None:
-    dicom_port, api_port = free_port(), free_port()
-    api = f"http://127.0.0.1:{api_port}"
+def serve_env(data_dir: Path, dicom_port: int, api_port: int, bundle: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")}
     env.update(
-        PACSCLIP_DATA_DIR=str(tmp_path / "data"),
+        PACSCLIP_DATA_DIR=str(data_dir),
         PACSCLIP_DICOM_HOST="127.0.0.1",
         PACSCLIP_DICOM_PORT=str(dicom_port),
         PACSCLIP_API_PORT=str(api_port),
         PACSCLIP_API_TOKEN=TOKEN,
         PACSCLIP_QUIET_PERIOD_S="0.5",
         PACSCLIP_MIN_FREE_DISK_MB="0",
-        PACSCLIP_MODEL_BUNDLE=str(bundle_dir),
+        PACSCLIP_MODEL_BUNDLE=str(bundle),
         PACSCLIP_INFERENCE_THREADS="1",
     )
+    return env
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc), read while they run."""
+    found: set[int] = set()
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found |= {child} | descendants(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_serve_receives_analyses_reports_and_stops_cleanly(
+    tmp_path: Path, bundle_dir: Path
+) -> None:
+    dicom_port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    env = serve_env(tmp_path / "data", dicom_port, api_port, bundle_dir)
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         serve = subprocess.Popen([PACSCLIP, "serve"], env=env, stdout=out, stderr=out)
@@ -119,3 +141,63 @@ def test_serve_receives_analyses_reports_and_stops_cleanly(
             raise
     assert code == 0, log.read_text()[-3000:]
     assert "worker process stopped" in log.read_text()
+
+
+def test_sigterm_drains_the_open_association_and_every_process_exits_within_10_s(
+    tmp_path: Path, bundle_dir: Path
+) -> None:
+    dicom_port, api_port = free_port(), free_port()
+    data = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [PACSCLIP, "serve"],
+            env=serve_env(data, dicom_port, api_port, bundle_dir),
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        wait_until(
+            lambda: echoscu("127.0.0.1", dicom_port, aec="PACSCLIP").returncode == 0,
+            60,
+            "the node did not answer C-ECHO",
+        )
+        children = descendants(serve.pid)
+        assert len(children) >= 2, "expected the worker and the receiver processes"
+        files = ct_small_copies(200, tmp_path / "src")
+        sender, finish = storescu(
+            [tmp_path / "src"], "127.0.0.1", dicom_port, aec="PACSCLIP", popen=True
+        )
+        wait_until(
+            lambda: (
+                len(list((data / "spool").glob("*/*/*.dcm"))) >= 20 or sender.poll() is not None
+            ),
+            30,
+            "nothing was received",
+        )
+        assert sender.poll() is None, "storescu finished before SIGTERM; send more files"
+        serve.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = serve.wait(timeout=15)
+        took = time.monotonic() - signalled
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    result = finish()
+
+    assert code == 0, log.read_text()[-3000:]
+    assert took <= 10, f"shutdown took {took:.1f} s"
+    # The association in progress was allowed to finish: every image was acknowledged...
+    assert result.statuses == [0] * len(files), result.stdout[-2000:]
+    # ...and recorded before the node exited, and no process of serve is left behind.
+    assert [pid for pid in children if running(pid)] == []
+    listed = subprocess.run(
+        [PACSCLIP, "--data-dir", str(data), "studies", "list", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    [study] = json.loads(listed.stdout)
+    assert study["instances"] == len(files)

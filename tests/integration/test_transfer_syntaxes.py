@@ -10,7 +10,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dicom_node import status
+from plugin import dicom_status as status
 from tests.integration.conftest import RunningNode
 from tests.peers.data import pydicom_data_dir
 from tests.peers.dcmtk import storescu

@@ -36,7 +36,7 @@ from plugin.adaptation import (
     to_json,
     write_report,
 )
-from plugin.adaptation.models import DannNetwork
+from plugin.adaptation.networks import DannNetwork
 
 Floats = npt.NDArray[np.float64]
 FAST = TrainConfig(epochs=3, hidden=(16,))

@@ -17,8 +17,8 @@ from plugin.models.bundle import (
     parse_manifest,
     read_manifest,
     sha256_file,
-    write_manifest,
 )
+from plugin.models.bundle_writer import write_manifest
 from plugin.models.registry import Registry, RegistryError, builtin_bundle_dirs
 from tests.models_fixtures import (
     TinyImageTower,

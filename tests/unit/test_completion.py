@@ -86,3 +86,52 @@ def test_first_instance_of_a_study_is_reported() -> None:
 
     assert t.instance_received(STUDY, None, now=0.0) is True
     assert t.instance_received(STUDY, None, now=0.1) is False
+
+
+def released_tracker(grace: float = 0.3) -> CompletionTracker:
+    return CompletionTracker(quiet_period_s=2.0, max_wait_s=100.0, release_grace_s=grace)
+
+
+def test_study_of_one_association_completes_a_grace_after_its_release() -> None:
+    t = released_tracker()
+    t.association_started("a", "ORTHANC")
+    t.instance_received(STUDY, "a", now=0.0)
+    t.instance_received(STUDY, "a", now=0.5)
+    t.association_ended("a", now=1.0)
+
+    assert t.due(now=1.2) == []
+    assert t.due(now=1.3) == [(STUDY, CompletionReason.ASSOCIATION_RELEASED)]
+
+
+def test_sender_with_another_association_open_keeps_the_quiet_period() -> None:
+    t = released_tracker()
+    t.association_started("a", "MODALITY")
+    t.instance_received(STUDY, "a", now=0.0)
+    t.association_started("b", "MODALITY")  # the same sender, still sending
+    t.association_ended("a", now=1.0)
+
+    assert t.due(now=1.5) == []
+    t.association_ended("b", now=1.6)  # carried nothing of this study
+    assert t.due(now=1.7) == []  # the grace counts from the sender's last release
+    assert t.due(now=2.0) == [(STUDY, CompletionReason.ASSOCIATION_RELEASED)]
+
+
+def test_study_spread_over_several_associations_waits_for_the_quiet_period() -> None:
+    t = released_tracker()
+    for n, assoc in enumerate(["a", "b"]):
+        t.association_started(assoc, "MODALITY")
+        t.instance_received(STUDY, assoc, now=float(n))
+        t.association_ended(assoc, now=n + 0.1)
+
+    assert t.due(now=2.0) == []
+    assert t.due(now=3.1) == [(STUDY, CompletionReason.QUIET_PERIOD)]
+
+
+def test_other_senders_do_not_hold_a_released_study() -> None:
+    t = released_tracker()
+    t.association_started("a", "ORTHANC")
+    t.association_started("x", "OTHER")
+    t.instance_received(STUDY, "a", now=0.0)
+    t.association_ended("a", now=0.1)
+
+    assert t.due(now=0.4) == [(STUDY, CompletionReason.ASSOCIATION_RELEASED)]

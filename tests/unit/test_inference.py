@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from plugin.cli.main import app
 from plugin.imaging import ImageSpec, dataset_input
 from plugin.inference import AI_NOTICE, TriageModel
-from plugin.models.bundle import SYNTHETIC_NOTICE, load_bundle, pin_file
+from plugin.models.bundle import SYNTHETIC_NOTICE, load_bundle
+from plugin.models.bundle_writer import pin_file
 from plugin.models.runtime import ImageEncoder
 from tests.models_fixtures import (
     FINDINGS,
@@ -185,7 +186,7 @@ def test_calibrate_fits_labelled_findings_and_keeps_the_bundle_valid(
     labelled: tuple[Path, Path],
 ) -> None:
     from plugin.errors import ConfigError
-    from plugin.models.tuning import calibrate
+    from plugin.bundle_tuning import calibrate
 
     bundle_dir, labels = labelled
     with pytest.raises(ConfigError, match=r"finding pneumothorax: .* at least one positive"):
@@ -207,7 +208,7 @@ def test_fit_head_stores_a_versioned_head_that_triage_then_uses(
 ) -> None:
     from pydicom import dcmread
 
-    from plugin.models.tuning import fit_head
+    from plugin.bundle_tuning import fit_head
 
     bundle_dir, labels = labelled
     # A head needs every label, positives and negatives: keep the effusion column only.
@@ -233,7 +234,7 @@ def test_fit_head_stores_a_versioned_head_that_triage_then_uses(
 
 def test_labels_csv_errors_say_what_to_fix(labelled: tuple[Path, Path]) -> None:
     from plugin.errors import ConfigError
-    from plugin.models.tuning import fit_head, read_labels
+    from plugin.bundle_tuning import fit_head, read_labels
 
     bundle_dir, labels = labelled
     bad = labels.with_name("bad.csv")

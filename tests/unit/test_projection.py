@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.models.bundle import BundleError, load_bundle, pin_file
+from plugin.models.bundle import BundleError, load_bundle
+from plugin.models.bundle_writer import pin_file
 from plugin.models.projection import PackageTextEncoder, project_sentences
 from tests.models_fixtures import (
     DIM,

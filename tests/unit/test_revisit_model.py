@@ -24,7 +24,7 @@ from plugin.metrics import PacsclipMetrics
 from plugin.revisit.cohort import CohortFileError, synth_cohort, write_cohort_csv
 from plugin.revisit.encounters import Encounters, read_encounters
 from plugin.revisit.features import MEDSPACY_INSTALL, FeatureSpec, NoteConcepts, RevisitError
-from plugin.revisit.model import (
+from plugin.revisit.risk_model import (
     ALGORITHM_NAME,
     MANIFEST_FILE,
     STATE_FILE,

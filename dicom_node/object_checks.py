@@ -12,7 +12,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
 
-from dicom_node import status
+from plugin import dicom_status as status
 from plugin.catalog.records import ReceivedObject
 
 

@@ -8,7 +8,7 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.received import InvalidObject, Problem, inspect_dataset, read_header
+from dicom_node.object_checks import InvalidObject, Problem, inspect_dataset, read_header
 
 
 @pytest.fixture

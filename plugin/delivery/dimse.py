@@ -1,7 +1,7 @@
 """Results dispatch over DICOM: C-STORE result objects (SR, SC) to one destination node.
 
-One association per call; each instance's C-STORE status is checked. The caller (the dispatch
-task) decides about retries from ``DispatchError.retryable``:
+One association per call; each instance's C-STORE status is checked. The caller
+(``plugin.delivery.jobs``) decides about retries from ``DispatchError.retryable``:
 
 - the destination could not be reached, refused the association, aborted it or stopped
   answering: retryable, the destination may come back;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -29,17 +29,11 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
-from dicom_node.ae import quiet_identifiers
-from dicom_node.status import SUCCESS
+from plugin.delivery.outcome import DispatchError, SendReport, is_retryable_status
+from plugin.dicom_logging import quiet_identifiers
 
 logger = logging.getLogger(__name__)
 
-# PS3.4 B.2.3: warnings mean the peer stored the instance (possibly with coerced elements).
-WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
-# PS3.7 C.4.2 "Processing failure": the peer's generic error, usually transient (a locked
-# database, a full disk reported generically), so worth a bounded retry.
-PROCESSING_FAILURE = 0x0110
-OUT_OF_RESOURCES_RANGE = range(0xA700, 0xA800)
 # PS3.8 9.3.2.2: at most 128 presentation contexts (odd ids 1..255) in one association.
 MAX_PRESENTATION_CONTEXTS = 128
 # Sent alongside an uncompressed file's own syntax, so a peer that accepts only one of
@@ -68,52 +62,6 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
-
-
-@dataclass(frozen=True)
-class SendReport:
-    """What one call sent: (SOPInstanceUID, C-STORE status) per instance, in sending order."""
-
-    destination: str
-    sent: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(is_stored(status) for _, status in self.sent)
-
-    @property
-    def failures(self) -> list[tuple[str, int]]:
-        return [(uid, status) for uid, status in self.sent if not is_stored(status)]
-
-
-class DispatchError(Exception):
-    """Sending to a destination failed; ``retryable`` says whether trying again can help.
-
-    ``report`` holds the per-instance statuses when the association got that far.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        destination: str,
-        retryable: bool,
-        report: SendReport | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.destination = destination
-        self.retryable = retryable
-        self.report = report
-
-
-def is_stored(status: int) -> bool:
-    """Success or a warning: the peer kept the instance."""
-    return status == SUCCESS or status in WARNING_STATUSES
-
-
-def is_retryable_status(status: int) -> bool:
-    """A failure status that may clear by itself on the peer's side."""
-    return status == PROCESSING_FAILURE or status in OUT_OF_RESOURCES_RANGE
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Named C-STORE status codes (PS3.4 Annex B, Table B.2-1; PS3.7 Annex C).
 
+The DICOM node answers with them; delivery reads them in the answers of destinations.
 Codes in 0xC000-0xCFFF are "Error: Cannot understand"; the low byte tells the
 operator which check failed, and ErrorComment carries the detail.
 """

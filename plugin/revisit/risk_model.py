@@ -43,11 +43,11 @@ from plugin.adaptation import (
     TrainingLog,
     fit,
 )
-from plugin.adaptation.models import DannNetwork, Standardiser
+from plugin.adaptation.networks import DannNetwork, Standardiser
 from plugin.concepts import ConceptVocabulary, VocabularyFileError
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS
 from plugin.durable import fsync_dir
 from plugin.models.bundle import sha256_file
-from plugin.notices import NOT_FOR_DIAGNOSIS
 from plugin.revisit.encounters import Encounters, FloatArray
 from plugin.revisit.features import FeatureSpec, RevisitError
 

@@ -2,7 +2,7 @@
 
 One POST of multipart/related; type="application/dicom" to ``{root}/studies`` per call; the
 answer's ReferencedSOPSequence and FailedSOPSequence give each instance's outcome, reported
-like a C-STORE status in the same SendReport / DispatchError as ``dicom_node.dispatch``:
+like a C-STORE status in the same SendReport / DispatchError as ``plugin.delivery.dimse``:
 
 - connection refused or timed out, HTTP 408, 429 and 5xx: retryable;
 - a FailureReason 0xA7xx or 0x0110 for an instance: retryable; any other: not retryable;
@@ -25,13 +25,8 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from dicom_node.dispatch import (
-    PROCESSING_FAILURE,
-    DispatchError,
-    SendReport,
-    is_retryable_status,
-)
-from dicom_node.status import SUCCESS
+from plugin.delivery.outcome import DispatchError, SendReport, is_retryable_status
+from plugin.dicom_status import PROCESSING_FAILURE, SUCCESS
 
 logger = logging.getLogger(__name__)
 

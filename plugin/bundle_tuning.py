@@ -6,7 +6,6 @@ one column per finding holding 1 (present), 0 (absent) or nothing (not labelled)
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +19,9 @@ from pydicom.errors import InvalidDicomError
 from plugin.errors import ConfigError
 from plugin.imaging import dataset_input
 from plugin.inference import TriageModel
-from plugin.models.bundle import HeadRef, Manifest, load_bundle, pin_file, write_manifest
+from plugin.labels import read_labels_csv
+from plugin.models.bundle import HeadRef, Manifest, load_bundle
+from plugin.models.bundle_writer import pin_file, write_manifest
 from plugin.triage import InsufficientLabels, LinearProbe, TipAdapter, fit_calibration
 
 HEAD_KINDS = {"linear_probe": LinearProbe, "tip_adapter": TipAdapter}
@@ -38,35 +39,13 @@ class LabelledSet:
 
 def read_labels(csv_path: Path, known_findings: Sequence[str]) -> LabelledSet:
     """Read and check the labels CSV; errors name the row and column to fix."""
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        if "path" not in columns:
-            raise ConfigError(f"{csv_path}: needs a 'path' column (found {columns})")
-        findings = [c for c in columns if c != "path"]
-        unknown = [c for c in findings if c not in known_findings]
-        if unknown or not findings:
-            raise ConfigError(
-                f"{csv_path}: finding columns {unknown or findings} are not findings of the "
-                f"bundle; use some of {list(known_findings)}"
-            )
-        paths, rows = [], []
-        for line, row in enumerate(reader, start=2):
-            path = Path(row["path"])
-            paths.append(path if path.is_absolute() else csv_path.parent / path)
-            rows.append([_label(row[c], csv_path, line, c) for c in findings])
-    if not rows:
-        raise ConfigError(f"{csv_path}: no labelled rows")
-    return LabelledSet(paths, findings, np.array(rows, dtype=np.float64))
-
-
-def _label(value: str | None, csv_path: Path, line: int, column: str) -> float:
-    text = (value or "").strip()
-    if text == "":
-        return float("nan")
-    if text in ("0", "1"):
-        return float(text)
-    raise ConfigError(f"{csv_path} line {line}, column {column}: expected 1, 0 or empty")
+    table = read_labels_csv(csv_path, ("path",), known_findings)
+    paths = [Path(key) for key in table.keys]
+    return LabelledSet(
+        [path if path.is_absolute() else csv_path.parent / path for path in paths],
+        list(table.findings),
+        table.values,
+    )
 
 
 def _inputs(model: TriageModel, paths: Sequence[Path]) -> NDArray[np.float32]:

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.errors import PacsclipError
-from plugin.notices import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 
 Decision = Literal["present", "absent", "indeterminate"]
 Priority = Literal["stat", "routine"]

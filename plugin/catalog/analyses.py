@@ -1,0 +1,193 @@
+"""A study's analyses as the analyser reads and writes them: the study to analyse, the run of
+a generation already recorded, the SR of an earlier generation, and a new run recorded with
+its result objects, dispatch jobs and image embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from plugin.catalog.embeddings import keep_image_embeddings
+from plugin.catalog.models import Analysis, DispatchJob, ResultObject, Study
+from plugin.catalog.studies import instance_paths
+from plugin.study_state import StudyState
+
+
+@dataclass(frozen=True)
+class StudyToAnalyse:
+    id: int
+    site_key: str
+    routing: dict[str, object] | None
+    instance_paths: list[str]  # relative to the spool directory, in the order cataloged
+
+
+def study_to_analyse(session: Session, study_uid: str) -> StudyToAnalyse:
+    """The study with its site and instances; LookupError when it is not in the catalog."""
+    study = _study(session, study_uid)
+    return StudyToAnalyse(
+        id=study.id,
+        site_key=study.site.key,
+        routing=study.routing,
+        instance_paths=instance_paths(session, study.id),
+    )
+
+
+@dataclass(frozen=True)
+class RecordedAnalysis:
+    analysis_id: int
+    job_ids: list[int]
+    priority: str
+    created: bool  # False when it had been recorded by an earlier run
+    completed_at: datetime | None = None  # when the study was completed, for a new record
+
+
+def find_analysis(
+    session: Session, study_id: int, generation: int, algorithm_name: str, algorithm_version: str
+) -> RecordedAnalysis | None:
+    """The analysis of this generation by this model name and version, if one is recorded."""
+    analysis = session.scalar(
+        select(Analysis).where(
+            Analysis.study_id == study_id,
+            Analysis.generation == generation,
+            Analysis.algorithm_name == algorithm_name,
+            Analysis.algorithm_version == algorithm_version,
+        )
+    )
+    if analysis is None:
+        return None
+    return RecordedAnalysis(
+        analysis.id, [j.id for j in analysis.jobs], analysis.priority, created=False
+    )
+
+
+def predecessor_report_path(
+    session: Session, study_id: int, generation: int, algorithm_name: str
+) -> str | None:
+    """Where the SR of the latest earlier generation by the same model is kept (relative to
+    the results folder); None when there is none."""
+    return session.scalar(
+        select(ResultObject.path)
+        .join(Analysis)
+        .where(
+            Analysis.study_id == study_id,
+            Analysis.generation < generation,
+            Analysis.algorithm_name == algorithm_name,
+            ResultObject.kind == "SR",
+        )
+        .order_by(Analysis.generation.desc())
+        .limit(1)
+    )
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """A result object written to the results folder."""
+
+    kind: str  # SR | SC
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str  # relative to the results directory
+
+
+@dataclass(frozen=True)
+class NewAnalysis:
+    generation: int
+    algorithm_name: str
+    algorithm_version: str
+    synthetic: bool
+    priority: str
+    triggered_by: list[str]
+    findings: list[dict[str, object]]
+    duration_s: float
+    objects: list[ResultFile]
+    destinations: list[str]  # one pending dispatch job each
+
+
+@dataclass(frozen=True)
+class ScoredImages:
+    """The embeddings of the images a model scored, one row per SOP Instance UID."""
+
+    model_ref: str  # name@version
+    sop_instance_uids: Sequence[str]
+    vectors: npt.NDArray[np.float32]
+
+
+def record_analysis(
+    session: Session, study_uid: str, new: NewAnalysis, scored: ScoredImages
+) -> RecordedAnalysis:
+    """Record a run and commit it; the newest generation moves the study to analysed.
+
+    When another run recorded the same analysis first, that one is returned (``created``
+    False); LookupError when the study is not in the catalog.
+    """
+    study = _study(session, study_uid)
+    analysis = Analysis(
+        study_id=study.id,
+        generation=new.generation,
+        algorithm_name=new.algorithm_name,
+        algorithm_version=new.algorithm_version,
+        synthetic=new.synthetic,
+        priority=new.priority,
+        triggered_by=new.triggered_by,
+        findings=new.findings,
+        duration_s=new.duration_s,
+        objects=[
+            ResultObject(
+                kind=o.kind,
+                sop_instance_uid=o.sop_instance_uid,
+                series_instance_uid=o.series_instance_uid,
+                path=o.path,
+            )
+            for o in new.objects
+        ],
+        jobs=[DispatchJob(destination=name, state="pending") for name in new.destinations],
+    )
+    session.add(analysis)
+    keep_image_embeddings(
+        session,
+        study_id=study.id,
+        site_id=study.site_id,
+        model_ref=scored.model_ref,
+        sop_instance_uids=scored.sop_instance_uids,
+        vectors=scored.vectors,
+    )
+    # Only the newest generation moves the study on: a study reopened by late
+    # images while this ran stays receiving.
+    if study.generation == new.generation and study.state in (
+        StudyState.COMPLETE,
+        StudyState.QUEUED,
+    ):
+        study.state = StudyState.ANALYSED
+        study.needs_reanalysis = False
+        study.priority = new.priority
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        done = find_analysis(
+            session, study.id, new.generation, new.algorithm_name, new.algorithm_version
+        )
+        if done is None:
+            raise
+        return done
+    return RecordedAnalysis(
+        analysis.id,
+        [j.id for j in analysis.jobs],
+        new.priority,
+        created=True,
+        completed_at=study.completed_at,
+    )
+
+
+def _study(session: Session, study_uid: str) -> Study:
+    study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+    if study is None:
+        raise LookupError(f"no study {study_uid} in the catalog")
+    return study

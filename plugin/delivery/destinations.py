@@ -1,0 +1,36 @@
+"""From a configured destination to its sender: C-STORE (optionally over TLS) or STOW-RS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from plugin.delivery.dimse import Destination, send_files
+from plugin.delivery.outcome import SendReport
+from plugin.delivery.stow import StowDestination, stow_files
+from plugin.settings import DestinationConfig, Settings
+
+
+def send(d: DestinationConfig, files: Sequence[Path], settings: Settings) -> SendReport:
+    """Send files to d by the protocol it is configured for; DispatchError unless all stored."""
+    timeout = settings.dispatch_timeout_s
+    if d.url is not None:
+        token = d.bearer_token.get_secret_value() if d.bearer_token else None
+        return stow_files(
+            StowDestination(name=d.name, url=d.url, bearer_token=token, tls_ca=d.tls_ca),
+            files,
+            timeout_s=timeout,
+        )
+    if d.ae_title is None or d.host is None or d.port is None:  # the settings validator forbids it
+        raise ValueError(f"destination {d.name} has no DICOM address")
+    destination = Destination(
+        name=d.name,
+        ae_title=d.ae_title,
+        host=d.host,
+        port=d.port,
+        tls=d.tls,
+        tls_ca=d.tls_ca,
+        tls_cert=d.tls_cert,
+        tls_key=d.tls_key,
+    )
+    return send_files(destination, files, calling_ae_title=settings.ae_title, timeout_s=timeout)
