@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.publish import StudyCompleted
 from plugin.catalog import repository
 from plugin.study_state import StudyState
-from plugin.task_queue import ANALYSE_STUDY, STAT_QUEUE, analysis_queue
+from plugin.task_queue import ANALYSE_STUDY, analysis_queue
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ class CeleryPublisher:
         self.app.send_task(
             ANALYSE_STUDY,
             args=[event.study_instance_uid, event.generation],
+            # The queue is the priority: a message priority would be read as "lowest" by
+            # Redis (its 0 is the highest) and ignored by RabbitMQ queues without one.
             queue=queue,
-            priority=9 if queue == STAT_QUEUE else 0,
         )
         logger.info(
             "study %s generation %d queued on %s",

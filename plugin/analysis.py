@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 
@@ -55,6 +56,8 @@ class AnalysisOutcome:
     created: bool  # False when an earlier run of the same generation had done it
     duration_s: float = 0.0
     since_complete_s: float | None = None
+    # Seconds per step: read, decode, inference, saliency, build, write, record.
+    steps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,20 @@ class StudyAnalyser:
         # The SR of the latest earlier generation by the same model, for re-analysis.
         predecessor = None if previous is None else dcmread(self.settings.results_dir / previous)
         site = study.site_key  # picks the site's promoted head, if it has one
-        datasets = [dcmread(self.settings.spool_dir / p) for p in study.instance_paths]
+        steps: dict[str, float] = {}
+        with _timed(steps, "read"):
+            datasets = [dcmread(self.settings.spool_dir / p) for p in study.instance_paths]
         report = self.model.triage(datasets, site=site)
-        built = self._build(datasets, report, generation, predecessor)
-        stored = [self._write(study_uid, obj) for obj in built]
-        outcome = self._record(
-            study_uid, generation, report, stored, destinations, time.monotonic() - started
-        )
+        steps.update(report.timings)
+        with _timed(steps, "build"):
+            built = self._build(datasets, report, generation, predecessor)
+        with _timed(steps, "write"):
+            stored = [self._write(study_uid, obj) for obj in built]
+        with _timed(steps, "record"):
+            outcome = self._record(
+                study_uid, generation, report, stored, destinations, time.monotonic() - started
+            )
+        outcome.steps.update(steps)
         logger.info(
             "study %s generation %d analysed by %s %s: priority %s, %d objects, %d jobs",
             study_uid,
@@ -169,6 +179,7 @@ class StudyAnalyser:
         by_uid = {str(ds.SOPInstanceUID): ds for ds in scored}
         for n, saliency in enumerate(report.saliency):
             source = by_uid[saliency.sop_instance_uid]
+            display = report.displays.get(saliency.sop_instance_uid)
             objects.append(
                 BuiltObject(
                     "SC",
@@ -176,7 +187,7 @@ class StudyAnalyser:
                         source,
                         saliency.heatmap,
                         result,
-                        self.model.display(source),
+                        self.model.display(source) if display is None else display,
                         series_uid=uids.sc_series,
                         sop_uid=uids.sc_instance(n),
                         series_number=SC_SERIES_NUMBER,
@@ -252,6 +263,15 @@ class StudyAnalyser:
             if completed is None
             else (datetime.now(UTC) - completed).total_seconds(),
         )
+
+
+@contextmanager
+def _timed(steps: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        steps[name] = time.perf_counter() - started
 
 
 def _outcome(done: RecordedAnalysis) -> AnalysisOutcome:

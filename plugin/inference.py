@@ -8,6 +8,7 @@ priority -> saliency maps for the findings worth showing. Loaded once per proces
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from plugin.triage import (
     PriorityPolicy,
     TipAdapter,
     decide,
-    occlusion_map,
+    occlusion_maps,
     peak,
     region,
     zero_shot_probabilities,
@@ -75,6 +76,10 @@ class TriageReport:
     embeddings: NDArray[np.float32]  # [images, D], for similar-case retrieval
     saliency: list[SaliencyOutcome] = field(default_factory=list)
     site_head: str | None = None  # "site-head-vN" when a promoted site head scored the study
+    # Not part of the result: the decoded images (by SOP Instance UID), so overlays need not
+    # decode them again, and seconds per step (decode, inference, saliency).
+    displays: dict[str, NDArray[np.float32]] = field(default_factory=dict, repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def notices(self) -> list[str]:
@@ -193,7 +198,9 @@ class TriageModel:
         images = _images_to_score(datasets)
         if not images:
             raise ValueError("no image in the study can be scored")
+        started = time.perf_counter()
         displays = [self.display(ds) for ds in images]
+        decoded = time.perf_counter()
         inputs = np.stack([model_input(d, self.spec) for d in displays])
         embeds = self.encoder.encode(inputs)
         probs = self.scores(embeds, site)
@@ -226,9 +233,16 @@ class TriageModel:
             images=[str(ds.SOPInstanceUID) for ds in images],
             embeddings=embeds.astype(np.float32),
             site_head=None if site_head is None else f"site-head-v{site_head[0]}",
+            displays={str(ds.SOPInstanceUID): d for ds, d in zip(images, displays, strict=True)},
         )
+        scored = time.perf_counter()
         if saliency:
             report.saliency.extend(self._saliency(findings, images, displays, site))
+        report.timings.update(
+            decode=decoded - started,
+            inference=scored - decoded,
+            saliency=time.perf_counter() - scored,
+        )
         return report
 
     def _saliency(
@@ -244,17 +258,30 @@ class TriageModel:
         ]
         index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(images)}
         column = {name: j for j, name in enumerate(self.finding_names)}
+        by_image: dict[int, list[FindingOutcome]] = defaultdict(list)
+        for finding in shown:
+            by_image[index_of[finding.source_sop_instance_uid]].append(finding)
+        maps: dict[str, NDArray[np.float32]] = {}
+        for i, on_image in by_image.items():
+            columns = [column[f.name] for f in on_image]
+
+            def scores(batch: NDArray[Any], columns: list[int] = columns) -> NDArray[Any]:
+                inputs = np.stack([model_input(image, self.spec) for image in batch])
+                return self.probabilities(inputs, site)[:, columns]
+
+            # One occlusion pass per image serves every finding shown on it.
+            heatmaps = occlusion_maps(
+                displays[i],
+                scores,
+                len(columns),
+                patch=32,
+                stride=16,
+                max_side=SALIENCY_MAX_SIDE,
+            )
+            maps.update({f.name: h for f, h in zip(on_image, heatmaps, strict=True)})
         outcomes = []
         for finding in shown:
-            i = index_of[finding.source_sop_instance_uid]
-
-            def score(batch: NDArray[Any], j: int = column[finding.name]) -> NDArray[Any]:
-                inputs = np.stack([model_input(image, self.spec) for image in batch])
-                return self.probabilities(inputs, site)[:, j]
-
-            heatmap = occlusion_map(
-                displays[i], score, patch=32, stride=16, max_side=SALIENCY_MAX_SIDE
-            )
+            heatmap = maps[finding.name]
             box = region(heatmap)
             outcomes.append(
                 SaliencyOutcome(

@@ -24,6 +24,7 @@ from plugin.study_state import StudyState
 
 # From a fraction of a second (a small study on Redis) to minutes (a quiet period, a slow
 # destination); the 1-5 s range is dense because the end-to-end target is p95 <= 3 s.
+STEP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -83,6 +84,14 @@ class PacsclipMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._analysis_steps = Histogram(
+            "pacsclip_analysis_step_seconds",
+            "Seconds one step of a study's analysis took (read, decode, inference, saliency, "
+            "build, write, record)",
+            ["step"],
+            buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )
         self._catalog_gauges: CatalogGauges | None = None
 
     def observe_stage(self, stage: Stage | str, seconds: float | None = None) -> None:
@@ -98,6 +107,10 @@ class PacsclipMetrics:
 
     def observe_analysis_duration(self, seconds: float) -> None:
         self._analysis_duration.observe(seconds)
+
+    def observe_analysis_steps(self, steps: Mapping[str, float]) -> None:
+        for step, seconds in steps.items():
+            self._analysis_steps.labels(step=step).observe(seconds)
 
     def include_catalog(self, read: Callable[[], CatalogSnapshot | None]) -> None:
         """Report catalog gauges at each scrape; calling it again replaces the reader."""

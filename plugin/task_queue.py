@@ -21,7 +21,10 @@ STAT_QUEUE: Final = "stat"
 ROUTINE_QUEUE: Final = "routine"
 DISPATCH_QUEUE: Final = "dispatch"
 TRAINING_QUEUE: Final = "training"
-QUEUES: Final = (STAT_QUEUE, ROUTINE_QUEUE, DISPATCH_QUEUE, TRAINING_QUEUE)
+# Most urgent first: STAT analyses, the deliveries of finished results, routine analyses.
+# A worker reads its queues in this order (Redis: strictly; SQLite: in turn).
+QUEUES: Final = (STAT_QUEUE, DISPATCH_QUEUE, ROUTINE_QUEUE, TRAINING_QUEUE)
+WORKER_QUEUES: Final = (STAT_QUEUE, DISPATCH_QUEUE, ROUTINE_QUEUE)
 
 
 def analysis_queue(priority: str) -> str:
@@ -75,8 +78,12 @@ def make_celery(settings: Settings) -> Celery:
         result_expires=7 * 24 * 3600,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        # Redis hands an unacknowledged task to another worker after this long.
-        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_s}
+        broker_transport_options={
+            # Redis hands an unacknowledged task to another worker after this long.
+            "visibility_timeout": settings.task_visibility_timeout_s,
+            # Queues are read in the order of QUEUES (stat first), not in turn.
+            "queue_order_strategy": "priority",
+        }
         if settings.effective_broker_url.startswith(("redis", "rediss"))
         else {},
     )

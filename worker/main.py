@@ -7,7 +7,7 @@ import socket
 from collections.abc import Sequence
 
 from plugin.settings import Settings
-from plugin.task_queue import QUEUES, make_celery
+from plugin.task_queue import WORKER_QUEUES, make_celery
 from worker.tasks import WorkerContext, register
 
 
@@ -18,7 +18,7 @@ def default_node_name() -> str:
 
 
 def main(
-    settings: Settings, queues: Sequence[str] = QUEUES, *, node_name: str | None = None
+    settings: Settings, queues: Sequence[str] = WORKER_QUEUES, *, node_name: str | None = None
 ) -> None:
     app = make_celery(settings)
     app.pacsclip = context = WorkerContext(settings)

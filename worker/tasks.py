@@ -109,6 +109,7 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
     if outcome.created:
         context.metrics.observe_stage(Stage.ANALYSED, seconds=outcome.since_complete_s)
         context.metrics.observe_analysis_duration(outcome.duration_s)
+        context.metrics.observe_analysis_steps(outcome.steps)
         # Enqueued after the analysis is committed, so a dispatch never finds no rows.
         for job_id in outcome.job_ids:
             task.app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)

@@ -141,8 +141,8 @@ def api(
 def worker(
     ctx: typer.Context,
     queues: Annotated[
-        str, typer.Option(help="Comma-separated queues to consume.")
-    ] = "stat,routine,dispatch",
+        str, typer.Option(help="Comma-separated queues to consume, most urgent first.")
+    ] = "stat,dispatch,routine",
     name: Annotated[
         str | None,
         typer.Option(help="Celery node name, NAME@HOST; default pacsclip-PID@HOST (unique)."),

@@ -16,6 +16,7 @@ from plugin.triage.priority import ROUTINE, STAT, Priority, PriorityPolicy
 from plugin.triage.saliency import (
     Region,
     occlusion_map,
+    occlusion_maps,
     patch_similarity_map,
     peak,
     region,
@@ -49,6 +50,7 @@ __all__ = [
     "fit_calibration",
     "l2_normalise",
     "occlusion_map",
+    "occlusion_maps",
     "patch_similarity_map",
     "peak",
     "prompts_from_arrays",

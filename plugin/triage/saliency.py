@@ -82,14 +82,35 @@ def occlusion_map(
     its longer side is `max_side` (patch and stride are in those pixels) and the map is
     upsampled back: far fewer forward passes, and the tower resizes its input anyway.
     """
+
+    def one_column(images: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return _scores(score, images)[:, np.newaxis]
+
+    [heat] = occlusion_maps(image, one_column, 1, patch, stride, baseline, batch, max_side=max_side)
+    return heat
+
+
+def occlusion_maps(
+    image: npt.ArrayLike,
+    scores: Callable[[npt.NDArray[np.float32]], npt.ArrayLike],
+    count: int,
+    patch: int = 32,
+    stride: int = 16,
+    baseline: float = 0.0,
+    batch: int = 32,
+    *,
+    max_side: int | None = None,
+) -> list[Map]:
+    """`occlusion_map` for `count` scores at once: `scores` returns [N, count] and one pass
+    of occluded images gives every map (a study's findings share the forward passes)."""
     original = np.asarray(image, dtype=np.float32)
     if original.ndim != 2 or min(original.shape) == 0:
         raise ValueError(f"image must be [H, W], got shape {original.shape}")
     if patch < 1 or stride < 1 or batch < 1:
         raise ValueError(f"patch, stride and batch must be >= 1, got {patch}, {stride}, {batch}")
     working = _shrink(original, max_side)
-    reference = _scores(score, working[np.newaxis])[0]
-    total = np.zeros(working.shape, dtype=np.float64)
+    reference = _score_rows(scores, working[np.newaxis], count)[0]
+    total = np.zeros((count, *working.shape), dtype=np.float64)
     coverage = np.zeros(working.shape, dtype=np.float64)
     boxes = list(_patch_boxes(working.shape, patch, stride))
     for start in range(0, len(boxes), batch):
@@ -97,16 +118,18 @@ def occlusion_map(
         occluded = np.repeat(working[np.newaxis], len(chunk), axis=0)
         for index, (top, left, size_r, size_c) in enumerate(chunk):
             occluded[index, top : top + size_r, left : left + size_c] = baseline
-        drops = reference - _scores(score, occluded)
+        drops = reference - _score_rows(scores, occluded, count)
         for (top, left, size_r, size_c), drop in zip(chunk, drops, strict=True):
-            total[top : top + size_r, left : left + size_c] += drop
+            total[:, top : top + size_r, left : left + size_c] += drop[:, None, None]
             coverage[top : top + size_r, left : left + size_c] += 1.0
-    heat = np.clip(total / np.maximum(coverage, 1.0), 0.0, None)
-    # Divide by the maximum rather than min-max: pixels whose occlusion changed nothing
-    # stay at 0 instead of being stretched to look relevant.
-    peak_value = heat.max()
-    normalised = heat / peak_value if peak_value > 0 else heat
-    return resize_bilinear(normalised, (original.shape[0], original.shape[1]))
+    maps = []
+    for heat in np.clip(total / np.maximum(coverage, 1.0), 0.0, None):
+        # Divide by the maximum rather than min-max: pixels whose occlusion changed nothing
+        # stay at 0 instead of being stretched to look relevant.
+        peak_value = heat.max()
+        normalised = heat / peak_value if peak_value > 0 else heat
+        maps.append(resize_bilinear(normalised, (original.shape[0], original.shape[1])))
+    return maps
 
 
 def peak(heat_map: npt.ArrayLike) -> tuple[int, int, float]:
@@ -188,6 +211,19 @@ def _scores(score: ScoreFn, images: npt.NDArray[np.float32]) -> npt.NDArray[np.f
         raise ValueError(
             f"score must return {len(images)} finite values for {len(images)} images, "
             f"got shape {values.shape}"
+        )
+    return values
+
+
+def _score_rows(
+    scores: Callable[[npt.NDArray[np.float32]], npt.ArrayLike],
+    images: npt.NDArray[np.float32],
+    count: int,
+) -> npt.NDArray[np.float64]:
+    values = np.asarray(scores(images), dtype=np.float64)
+    if values.shape != (len(images), count) or not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"scores must return [{len(images)}, {count}] finite values, got shape {values.shape}"
         )
     return values
 

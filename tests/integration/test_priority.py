@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+import redis
 from pydicom import dcmread
 from sqlalchemy import select
 
@@ -24,6 +26,17 @@ rules:
     priority: stat
 """
 ROUTINE_STUDIES = 20
+REDIS_URL = "redis://127.0.0.1:6379/12"  # a database of its own, emptied before the test
+
+
+def broker_settings(broker: str) -> dict[str, str]:
+    if broker == "sqlite":
+        return {}
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"no Redis server on 127.0.0.1:6379: {exc}")
+    return {"broker_url": REDIS_URL, "result_backend_url": REDIS_URL}
 
 
 def states(run: Pipeline) -> dict[str, str]:
@@ -42,8 +55,9 @@ def delivery_times(run: Pipeline) -> dict[str, float]:
     return {uid: at.timestamp() for uid, at in rows}
 
 
+@pytest.mark.parametrize("broker", ["sqlite", "redis"])
 def test_stat_study_is_delivered_before_the_routine_backlog(
-    pipeline: Callable[..., Pipeline], tmp_path: Path
+    pipeline: Callable[..., Pipeline], tmp_path: Path, broker: str
 ) -> None:
     port = free_port()
     rules = tmp_path / "rules.yaml"
@@ -54,6 +68,7 @@ def test_stat_study_is_delivered_before_the_routine_backlog(
             slow_analysis_s=0.4,
             rules_file=rules,
             destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+            **broker_settings(broker),
         )
         routine = []
         for n in range(ROUTINE_STUDIES):

@@ -124,6 +124,24 @@ def test_saliency_maps_are_at_image_size(study: tuple[Path, Path, Path]) -> None
     assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0
 
 
+def test_triage_reports_its_step_times_and_keeps_the_decoded_images(
+    study: tuple[Path, Path, Path],
+) -> None:
+    from pydicom import dcmread
+
+    bundle_dir, positive, _ = study
+    model = TriageModel(load_bundle(bundle_dir), threads=1)
+    ds = dcmread(positive)
+
+    report = model.triage([ds])
+
+    assert set(report.timings) == {"decode", "inference", "saliency"}
+    assert all(seconds >= 0 for seconds in report.timings.values())
+    # The overlay reuses the image the model saw instead of decoding it again.
+    np.testing.assert_array_equal(report.displays[str(ds.SOPInstanceUID)], model.display(ds))
+    assert "displays" not in report.as_dict()
+
+
 def test_triage_cli_prints_findings_with_algorithm_and_notices(
     study: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -117,3 +117,19 @@ def test_bilinear_resize_keeps_constants_and_identity() -> None:
     ramp = np.arange(12, dtype=np.float64).reshape(3, 4)
     np.testing.assert_allclose(resize_bilinear(ramp, (3, 4)), ramp)
     np.testing.assert_allclose(resize_bilinear(np.full((3, 3), 0.25), (7, 9)), 0.25)
+
+
+def test_occlusion_maps_of_several_scores_match_one_map_each() -> None:
+    from plugin.triage.saliency import occlusion_maps
+
+    rng = np.random.default_rng(3)
+    image = rng.random((40, 56)).astype(np.float32)
+    weights = rng.random((2, 40, 56))
+
+    def both(batch: np.ndarray) -> np.ndarray:
+        return np.stack([(batch * w).sum(axis=(1, 2)) for w in weights], axis=1)
+
+    together = occlusion_maps(image, both, 2, patch=8, stride=4)
+    for column, heat in enumerate(together):
+        alone = occlusion_map(image, lambda b, c=column: both(b)[:, c], patch=8, stride=4)
+        np.testing.assert_allclose(heat, alone, atol=1e-6)
