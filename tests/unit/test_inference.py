@@ -203,8 +203,8 @@ def labelled(study: tuple[Path, Path, Path], tmp_path: Path) -> tuple[Path, Path
 def test_calibrate_fits_labelled_findings_and_keeps_the_bundle_valid(
     labelled: tuple[Path, Path],
 ) -> None:
-    from plugin.errors import ConfigError
     from plugin.bundle_tuning import calibrate
+    from plugin.errors import ConfigError
 
     bundle_dir, labels = labelled
     with pytest.raises(ConfigError, match=r"finding pneumothorax: .* at least one positive"):
@@ -251,8 +251,8 @@ def test_fit_head_stores_a_versioned_head_that_triage_then_uses(
 
 
 def test_labels_csv_errors_say_what_to_fix(labelled: tuple[Path, Path]) -> None:
-    from plugin.errors import ConfigError
     from plugin.bundle_tuning import fit_head, read_labels
+    from plugin.errors import ConfigError
 
     bundle_dir, labels = labelled
     bad = labels.with_name("bad.csv")
