@@ -13,6 +13,7 @@ from pynetdicom import events, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from dicom_node.association_limit import AssociationLimit
 from dicom_node.intake import Receiver
 from dicom_node.intake_events import (
     AssociationClosed,
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+# A-ASSOCIATE-RJ: rejected-transient, by the service provider, local limit exceeded.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 
 def association_key(event: events.Event) -> AssociationKey:
@@ -72,10 +75,21 @@ def handle_store(event: events.Event, receiver: Receiver) -> int | Dataset:
     )
 
 
-def handle_association_request(event: events.Event, policy: CallerPolicy, sink: EventSink) -> None:
+def handle_association_request(
+    event: events.Event, policy: CallerPolicy, limit: AssociationLimit, sink: EventSink
+) -> None:
     primitive = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
     calling = primitive.calling_ae_title.strip()
     peer = Peer(calling_ae_title=calling, host=event.assoc.requestor.address)
+    if limit.exceeded():
+        logger.warning(
+            "rejected association from calling AE %s: %d associations open already",
+            calling,
+            limit.maximum,
+        )
+        event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+        event.assoc.kill()
+        return
     if not policy.allows(calling, peer.host or ""):
         logger.warning("rejected association from calling AE %s at %s", calling, peer.host)
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
@@ -85,7 +99,8 @@ def handle_association_request(event: events.Event, policy: CallerPolicy, sink: 
         sink.put(AssociationRejected(peer))
 
 
-def handle_connection_open(event: events.Event) -> None:
+def handle_connection_open(event: events.Event, limit: AssociationLimit) -> None:
+    limit.opened()
     # Responses are small writes; without TCP_NODELAY each one can wait for a delayed ACK.
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
@@ -97,20 +112,21 @@ def handle_accepted(event: events.Event, sink: EventSink) -> None:
     sink.put(AssociationOpened(association_key(event), _peer(event).calling_ae_title))
 
 
-def handle_connection_close(event: events.Event, sink: EventSink) -> None:
+def handle_connection_close(event: events.Event, limit: AssociationLimit, sink: EventSink) -> None:
+    limit.closed()
     # Also for associations never accepted: the node ignores keys it does not know.
     sink.put(AssociationClosed(association_key(event)))
 
 
 def store_handlers(
-    receiver: Receiver, policy: CallerPolicy, sink: EventSink
+    receiver: Receiver, policy: CallerPolicy, limit: AssociationLimit, sink: EventSink
 ) -> list[evt.EventHandlerType]:
     """The receiving side's handlers, bound to their dependencies."""
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
-        (evt.EVT_REQUESTED, handle_association_request, [policy, sink]),
-        (evt.EVT_CONN_OPEN, handle_connection_open),
+        (evt.EVT_REQUESTED, handle_association_request, [policy, limit, sink]),
+        (evt.EVT_CONN_OPEN, handle_connection_open, [limit]),
         (evt.EVT_ACCEPTED, handle_accepted, [sink]),
-        (evt.EVT_CONN_CLOSE, handle_connection_close, [sink]),
+        (evt.EVT_CONN_CLOSE, handle_connection_close, [limit, sink]),
     ]

@@ -1,7 +1,7 @@
 """The node's recorder: the receivers' events become catalog rows, then completion input.
 
-One thread drains the event queue. Whatever arrived while the last transaction ran is the
-next batch: one transaction for all its instances, so the catalog keeps up with several
+One thread drains the event queue. A batch is what arrives within 10 ms of its first event
+(at most 500): one transaction for all its instances, so the catalog keeps up with several
 receivers without a transaction per C-STORE. Completion tracking sees an instance only after
 its row is committed, so a study is never completed with rows still missing.
 """
@@ -37,6 +37,7 @@ from plugin.site import site_key
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+BATCH_WINDOW_S = 0.01  # gather a batch this long after its first event (or MAX_BATCH rows)
 RETRY_MAX_S = 5.0
 
 
@@ -73,9 +74,13 @@ class IntakeRecorder:
             batch = [self.events.get(timeout=timeout_s)]
         except queue.Empty:
             return []
+        closes = time.monotonic() + BATCH_WINDOW_S
         while len(batch) < MAX_BATCH:
+            left = closes - time.monotonic()
             try:
-                batch.append(self.events.get_nowait())
+                batch.append(
+                    self.events.get(timeout=left) if left > 0 else self.events.get_nowait()
+                )
             except queue.Empty:
                 break
         return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import queue
 import signal
 import sys
@@ -144,7 +145,7 @@ class DicomNode:
                 self.settings,
                 self.events,
                 port=port,
-                max_associations=self.settings.max_associations,
+                open_connections=multiprocessing.Value("i", 0),
             )
             return int(self.server.server_address[1])
         # Port 0 becomes one number, held until every receiver process listens on it.

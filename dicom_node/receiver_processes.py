@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import multiprocessing
 import multiprocessing.synchronize
 import signal
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
+from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from dicom_node.intake_events import IntakeEvent
@@ -38,7 +38,7 @@ def _die_with_parent() -> None:
 def receiver_main(
     settings_values: dict[str, Any],
     port: int,
-    max_associations: int,
+    open_connections: Synchronized[int],
     events: Queue[IntakeEvent],
     ready: multiprocessing.synchronize.Event,
     stop: multiprocessing.synchronize.Event,
@@ -53,7 +53,7 @@ def receiver_main(
     # from a supervisor; either way the receiver drains through ``stop``.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
-    server = start_receiving(settings, events, port=port, max_associations=max_associations)
+    server = start_receiving(settings, events, port=port, open_connections=open_connections)
     ready.set()
     stop.wait()
     drain(server, drain_timeout_s)
@@ -69,11 +69,11 @@ class ReceiverProcesses:
         # Spawned, not forked: the node has threads and database connections by now.
         self._context = multiprocessing.get_context("spawn")
         self.events: Queue[IntakeEvent] = self._context.Queue()
+        self.open_connections: Synchronized[int] = self._context.Value("i", 0)
         self._stop = self._context.Event()
         self._processes: list[SpawnProcess] = []
 
     def start(self, port: int) -> None:
-        per_process = max(1, math.ceil(self.settings.max_associations / self.count))
         readies = []
         for n in range(self.count):
             ready = self._context.Event()
@@ -82,7 +82,7 @@ class ReceiverProcesses:
                 args=(
                     self.settings.model_dump(),
                     port,
-                    per_process,
+                    self.open_connections,
                     self.events,
                     ready,
                     self._stop,

@@ -11,11 +11,13 @@ import socket
 import socketserver
 import threading
 import time
+from multiprocessing.sharedctypes import Synchronized
 from typing import cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.ae import build_ae
+from dicom_node.association_limit import AssociationLimit
 from dicom_node.handlers import store_handlers
 from dicom_node.intake import Receiver
 from dicom_node.intake_events import EventSink
@@ -41,19 +43,23 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
 
 
 def start_receiving(
-    settings: Settings, sink: EventSink, *, port: int, max_associations: int
+    settings: Settings, sink: EventSink, *, port: int, open_connections: Synchronized[int]
 ) -> ReusePortAssociationServer:
-    """Listen on ``(settings.dicom_host, port)``; returns once the socket listens."""
+    """Listen on ``(settings.dicom_host, port)``; returns once the socket listens.
+
+    ``open_connections`` counts the connections of every receiver of the node, for the cap
+    on concurrent associations."""
     receiver = Receiver(
         spool=Spool(settings.spool_dir, min_free_bytes=settings.min_free_disk_mb * 2**20),
         quarantine=Quarantine(settings.quarantine_dir),
         events=sink,
     )
     ae = build_ae(settings)
-    ae.maximum_associations = max_associations
+    limit = AssociationLimit(settings.max_associations, open_connections)
+    policy = CallerPolicy(tuple(settings.allowed_callers))
     server = ae.make_server(
         (settings.dicom_host, port),
-        evt_handlers=store_handlers(receiver, CallerPolicy(tuple(settings.allowed_callers)), sink),
+        evt_handlers=store_handlers(receiver, policy, limit, sink),
         ssl_context=server_ssl_context(settings),
         server_class=ReusePortAssociationServer,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import uuid
@@ -22,6 +23,7 @@ from plugin.errors import OutOfResources
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+_UID_NAME = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,13 @@ class Spool:
         self._dirs_lock = threading.Lock()
 
     def relative_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
-        # The UIDs were validated (digits and dots only), so they cannot climb out of
-        # the spool; the check below keeps that true if validation ever changes.
-        rel = f"{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
-        if not (self.root / rel).resolve().is_relative_to(self.root.resolve()):
+        # The UIDs were validated already; checked again here (digits and dots, no empty
+        # component) so that a name can never climb out of the spool if validation changes.
+        # A pattern, not Path.resolve(): this runs for every instance received.
+        uids = (study_uid, series_uid, sop_instance_uid)
+        if not all(_UID_NAME.fullmatch(uid) for uid in uids):
             raise ValueError("spool path escapes the spool directory")
-        return rel
+        return f"{study_uid}/{series_uid}/{sop_instance_uid}.dcm"
 
     def check_free_space(self, incoming_bytes: int) -> None:
         free = shutil.disk_usage(self.root).free

@@ -316,20 +316,24 @@ def test_completion_waits_for_the_quiet_period(
     assert time.monotonic() - sent_at >= 1.5
 
 
+@pytest.mark.parametrize("processes", [0, 3])
 def test_associations_beyond_the_maximum_are_rejected(
-    start_node: Callable[..., RunningNode], tmp_path: Path
+    start_node: Callable[..., RunningNode], tmp_path: Path, processes: int
 ) -> None:
-    node = start_node(max_associations=1)
+    # With receiver processes the cap holds for the node as a whole, whichever processes
+    # the kernel hands the connections to.
+    node = start_node(max_associations=2, receiver_processes=processes)
     holder = AE(ae_title="HOLDER")
     holder.add_requested_context(CTImageStorage)
-    held = holder.associate("127.0.0.1", node.port, ae_title="PACSCLIP")
-    assert held.is_established
+    held = [holder.associate("127.0.0.1", node.port, ae_title="PACSCLIP") for _ in range(2)]
+    assert all(assoc.is_established for assoc in held)
     try:
         second = storescu(
             ct_small_copies(1, tmp_path / "src"), "127.0.0.1", node.port, aec="PACSCLIP"
         )
     finally:
-        held.release()
+        for assoc in held:
+            assoc.release()
 
     assert second.association_rejected
     assert "local limit exceeded" in (second.stderr + second.stdout).lower()
