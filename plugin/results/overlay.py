@@ -215,10 +215,16 @@ def _resize(image: FloatImage, shape: tuple[int, int]) -> FloatImage:
 
 
 def _blend(grey: FloatImage, heat: FloatImage) -> RgbImage:
-    alpha = (HEAT_ALPHA * np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0))[..., None]
-    grey_rgb = (grey * np.float32(255.0))[..., None]
-    mixed: FloatImage = grey_rgb * (np.float32(1.0) - alpha) + colormap(heat) * alpha
-    rgb: RgbImage = np.rint(mixed).clip(0, 255).astype(np.uint8)
+    grey_255 = grey * np.float32(255.0)
+    rgb: RgbImage = np.repeat(np.rint(grey_255).clip(0, 255).astype(np.uint8)[..., None], 3, 2)
+    # Only pixels above the floor are coloured (usually a small part of the image); the
+    # rest stay the grey they already are.
+    hot = heat > HEAT_FLOOR
+    if hot.any():
+        level = heat[hot]
+        alpha = (HEAT_ALPHA * np.minimum((level - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 1.0))[:, None]
+        mixed = grey_255[hot][:, None] * (np.float32(1.0) - alpha) + colormap(level) * alpha
+        rgb[hot] = np.rint(mixed).clip(0, 255).astype(np.uint8)
     return rgb
 
 

@@ -158,14 +158,16 @@ def region(heat_map: npt.ArrayLike, level: float = 0.5) -> Region | None:
 
 def resize_bilinear(array: npt.ArrayLike, out_shape: tuple[int, int]) -> Map:
     """Bilinear resize with pixel-centre alignment (as torch's align_corners=False)."""
-    source = np.asarray(array, dtype=np.float64)
+    # float32 throughout: maps are in [0, 1] and large (a radiograph's full size).
+    source = np.asarray(array, dtype=np.float32)
     if source.ndim != 2 or min(out_shape) < 1:
         raise ValueError(f"cannot resize shape {source.shape} to {out_shape}")
     row_lo, row_hi, row_frac = _axis_samples(source.shape[0], out_shape[0])
     col_lo, col_hi, col_frac = _axis_samples(source.shape[1], out_shape[1])
+    row_frac, col_frac = row_frac.astype(np.float32), col_frac.astype(np.float32)
     rows = source[row_lo] * (1.0 - row_frac)[:, None] + source[row_hi] * row_frac[:, None]
     result = rows[:, col_lo] * (1.0 - col_frac) + rows[:, col_hi] * col_frac
-    return result.astype(np.float32)
+    return result.astype(np.float32, copy=False)
 
 
 def _axis_samples(
@@ -237,8 +239,10 @@ def _min_max(array: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return result
 
 
-def _as_map(heat_map: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    array = np.asarray(heat_map, dtype=np.float64)
+def _as_map(heat_map: npt.ArrayLike) -> npt.NDArray[np.float64] | npt.NDArray[np.float32]:
+    array = np.asarray(heat_map)
+    if array.dtype != np.float32:  # the maps made here are float32: no full-size copy
+        array = array.astype(np.float64)
     if array.ndim != 2 or array.size == 0 or not np.all(np.isfinite(array)):
         raise ValueError(f"a heat map must be a finite [H, W] array, got shape {array.shape}")
     return array
