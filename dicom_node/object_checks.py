@@ -46,16 +46,27 @@ class TruncatedElement(ValueError):
     """Not an EOFError on purpose: pydicom turns those into a warning and goes on."""
 
 
-class _ExactReader(BytesIO):
-    """pydicom accepts short reads; here one means an element's length runs past the
-    data the sender gave, i.e. a dataset that cannot be parsed. An empty read is the
-    normal end of the dataset."""
+class _ExactReader:
+    """The received bytes, read in place (no copy of a large image), refusing short reads:
+    pydicom accepts them, but here one means an element's length runs past the data the
+    sender gave, i.e. a dataset that cannot be parsed. An empty read is the normal end of
+    the dataset."""
+
+    def __init__(self, raw: BytesIO) -> None:
+        self._raw = raw
+        raw.seek(0)
 
     def read(self, size: int | None = -1, /) -> bytes:
-        data = super().read(size)
+        data = self._raw.read(size)
         if size is not None and size > 0 and 0 < len(data) < size:
             raise TruncatedElement(f"element needs {size} bytes, {len(data)} left")
         return data
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 def read_header(raw: BytesIO, transfer_syntax: UID) -> Dataset:
@@ -64,7 +75,7 @@ def read_header(raw: BytesIO, transfer_syntax: UID) -> Dataset:
         raw.seek(0)
         return decode(raw, is_implicit_vr=False, is_little_endian=True, deflated=True)
     return read_dataset(
-        _ExactReader(raw.getbuffer()),
+        _ExactReader(raw),  # type: ignore[arg-type]
         transfer_syntax.is_implicit_VR,
         transfer_syntax.is_little_endian,
         stop_when=_past_last_tag,

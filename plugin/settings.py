@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     # A study that came over one association is complete this long after its release
     # (unless its sender has another association open); off: the quiet period only.
     complete_on_release: bool = True
-    release_grace_s: float = Field(0.3, ge=0)
+    release_grace_s: float = Field(0.1, ge=0)
     count_query_peer: DicomPeer | None = None
 
     rules_file: Path | None = None
