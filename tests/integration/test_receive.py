@@ -46,6 +46,18 @@ def instance_count(node: RunningNode) -> int:
         return int(session.scalar(select(func.count(Instance.id))) or 0)
 
 
+def audited(node: RunningNode, count: int, event: str | None = None) -> list[str]:
+    """The audit events once there are ``count`` of them: the node answers a C-STORE when
+    the file is spooled and catalogs it (and audits) a few ms later."""
+    deadline = time.monotonic() + 10
+    while True:
+        with node.sessions() as session:
+            events = [e.event for e in repository.audit_events(session, event=event)]
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.02)
+
+
 def cli(node: RunningNode, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -140,6 +152,7 @@ def test_unknown_calling_ae_is_rejected_and_audited(
     assert stranger.association_rejected
     assert wrong_host.association_rejected
     assert allowed.statuses == [status.SUCCESS]
+    audited(node, 3)  # two rejected associations, one stored instance
     assert instance_count(node) == 1
     with node.sessions() as session:
         rejected = repository.audit_events(session, event="association_rejected")
@@ -206,6 +219,7 @@ def test_bad_objects_get_specific_status_and_are_quarantined(
 
     assert answered == [case[3] for case in cases]
     assert spooled(node) == []
+    assert len(audited(node, len(cases), event="rejected")) == len(cases)
     assert instance_count(node) == 0
     out = cli(node, "quarantine", "list", "--json")
     assert out.returncode == 0, out.stderr
@@ -239,6 +253,7 @@ def test_duplicate_is_idempotent_and_a_changed_copy_replaces_it(
     replaced = storescu([changed], "127.0.0.1", node.port, aec="PACSCLIP")
 
     assert first.statuses == again.statuses == replaced.statuses == [status.SUCCESS]
+    audited(node, 3)
     assert instance_count(node) == 1
     [path] = spooled(node)
     assert dcmread(path).PixelData == ds.PixelData  # newest copy kept
@@ -259,6 +274,7 @@ def test_low_disk_space_answers_out_of_resources_and_stores_nothing(
 
     assert result.statuses == [status.OUT_OF_RESOURCES]
     assert spooled(node) == []
+    assert audited(node, 1, event="failed") == ["failed"]
     assert instance_count(node) == 0
 
 

@@ -68,6 +68,7 @@ def test_tls_requires_a_trusted_client_certificate(
     result = _store(files, node, tls=client, extra=[])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.sent == [(path, SUCCESS) for path in files]
+    node.publisher.wait_for(1)  # complete: every instance is cataloged
 
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with node.sessions() as session:
