@@ -89,9 +89,10 @@ class DicomNode:
             if processes
             else None
         )
-        self.events: queue.Queue[IntakeEvent] | None = None if self.receivers else queue.Queue()
+        # In process, the receiving server and the recorder share a plain queue.
+        self.events: queue.Queue[IntakeEvent] = queue.Queue()
         self.recorder = IntakeRecorder(
-            events=self.receivers.events if self.receivers else self.events,  # type: ignore[arg-type]
+            events=self.events if self.receivers is None else self.receivers.events,
             writer=CatalogWriter(catalog.engine),
             sessions=catalog.sessions,
             tracker=self.tracker,

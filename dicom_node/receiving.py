@@ -57,13 +57,15 @@ def start_receiving(
     ae = build_ae(settings)
     limit = AssociationLimit(settings.max_associations, open_connections)
     policy = CallerPolicy(tuple(settings.allowed_callers))
-    server = ae.make_server(
-        (settings.dicom_host, port),
-        evt_handlers=store_handlers(receiver, policy, limit, sink),
-        ssl_context=server_ssl_context(settings),
-        server_class=ReusePortAssociationServer,
+    server = cast(
+        ReusePortAssociationServer,
+        ae.make_server(
+            (settings.dicom_host, port),
+            evt_handlers=store_handlers(receiver, policy, limit, sink),
+            ssl_context=server_ssl_context(settings),
+            server_class=ReusePortAssociationServer,
+        ),
     )
-    assert isinstance(server, ReusePortAssociationServer)
     threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
     return server
 

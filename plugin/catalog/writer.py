@@ -51,10 +51,6 @@ class CatalogWriter:
         self._ids: _Ids = {}
         self._lock = threading.Lock()
 
-    def audit(self, event: str, peer: Peer | None, **fields: Any) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(_INSERT_AUDIT, _audit_values(event, peer, **fields))
-
     def record_instances(self, batch: Sequence[SpooledInstance]) -> list[Recorded]:
         """Catalog instances whose files are already durable in the spool, in one transaction.
 
