@@ -144,6 +144,12 @@ class TriageModel:
         # their findings for studies of that site only (plugin/triage/site_heads.py).
         self.site_heads = dict(site_heads or {})
 
+    def warm_up(self) -> None:
+        """Run the image tower once on a blank image, so that the first study does not pay
+        for onnxruntime's first-run set-up."""
+        blank = np.zeros((self.spec.size, self.spec.size), dtype=np.float32)
+        self.encoder.encode(model_input(blank, self.spec)[np.newaxis])
+
     def display(self, ds: Dataset) -> NDArray[np.float32]:
         """The image as the model's preprocessing shows it (grey in [0, 1])."""
         return display_array(

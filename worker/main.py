@@ -25,6 +25,7 @@ def main(
     if settings.worker_metrics_port is not None:
         context.metrics.serve(settings.api_host, settings.worker_metrics_port)
     register(app)
+    context.warm_up()
     app.worker_main(
         [
             "worker",

@@ -18,6 +18,7 @@ from pydicom import dcmread
 from plugin.analysis import StudyAnalyser
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.studies import instance_paths_of_classes
+from plugin.errors import PacsclipError
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.projection import text_encoder
@@ -63,6 +64,17 @@ class WorkerContext:
             lambda: self.analyser.model.bundle,
             lambda bundle: text_encoder(bundle, threads=self.settings.inference_threads),
         )
+
+    def warm_up(self) -> None:
+        """Load the model (and run it once) before the first task, not during it.
+
+        A bundle that cannot be loaded is logged here and fails each analysis with its reason;
+        the worker still delivers results already made.
+        """
+        try:
+            self.analyser.model.warm_up()
+        except PacsclipError as exc:
+            logger.error("model not loaded at start: %s", exc)
 
     def keep_reports(self, study_uid: str) -> None:
         """Store and index the text of reports (SRs from the PACS) that came with the study.

@@ -132,3 +132,16 @@ def test_stat_result_calls_the_webhook(pipeline: Callable[..., Pipeline], tmp_pa
     assert payload["algorithm"]["name"] == "tiny-clip"
     assert "AI result - not for diagnosis" in payload["disclaimer"]
     assert "synthetic demo model" in payload["disclaimer"]
+
+
+def test_the_worker_loads_its_model_before_the_first_study(
+    pipeline: Callable[..., Pipeline],
+) -> None:
+    run = pipeline()
+    deadline = time.monotonic() + 60
+    while "model tiny-clip@" not in run.log.read_text():
+        assert time.monotonic() < deadline, f"model not loaded at start:\n{run.log.read_text()}"
+        assert run.worker.poll() is None, run.log.read_text()
+        time.sleep(0.2)
+    with run.node.sessions() as session:
+        assert repository.list_studies(session) == []  # nothing was sent to make it load
