@@ -81,69 +81,140 @@ class DestinationConfig(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PACSCLIP_", extra="forbid")
 
-    data_dir: Path = Path("pacsclip-data")
-    ae_title: str = Field("PACSCLIP", min_length=1, max_length=16)
-    dicom_host: str = "0.0.0.0"
-    dicom_port: int = Field(11112, ge=0, le=65535)
-    database_url: str | None = None
-    broker_url: str | None = None
+    data_dir: Path = Field(
+        Path("pacsclip-data"), description="Spool, quarantine, results, models, SQLite files."
+    )
+    ae_title: str = Field("PACSCLIP", min_length=1, max_length=16, description="Our AE title.")
+    dicom_host: str = Field("0.0.0.0", description="Address the DICOM node listens on.")
+    dicom_port: int = Field(11112, ge=0, le=65535, description="DICOM port of the node.")
+    database_url: str | None = Field(
+        None,
+        description="Catalog; unset: SQLite file in the data dir. "
+        "PostgreSQL: postgresql+psycopg://user:pw@host/db.",
+    )
+    broker_url: str | None = Field(
+        None, description="Task queue; unset: SQLite transport in the data dir."
+    )
 
     # Receiving
-    allowed_callers: list[CallerRule] = Field(default_factory=list)
-    max_associations: int = Field(10, ge=1)
-    min_free_disk_mb: int = Field(500, ge=0)
-    # Receiver processes on the DICOM port; unset: one per core (at most 4); 0: receive in
-    # the node's own process.
-    receiver_processes: int | None = Field(None, ge=0, le=64)
-    # On SIGTERM: how long open associations (and running tasks) may take to finish.
-    drain_timeout_s: float = Field(5.0, gt=0)
-    site_tags: list[str] = Field(default_factory=lambda: ["calling_ae_title", "InstitutionName"])
+    allowed_callers: list[CallerRule] = Field(
+        default_factory=list,
+        description='JSON list of AE titles or {"ae_title", "host"}; empty: anyone (warned).',
+    )
+    max_associations: int = Field(
+        10, ge=1, description="Concurrent associations of the whole node; more are rejected."
+    )
+    min_free_disk_mb: int = Field(
+        500, ge=0, description="Below this free space C-STORE answers 0xA700."
+    )
+    receiver_processes: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Receiver processes on the DICOM port; unset: one per core (at most 4); "
+        "0: in the node's own process.",
+    )
+    drain_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="On SIGTERM: how long open associations (and running tasks) may take.",
+    )
+    site_tags: list[str] = Field(
+        default_factory=lambda: ["calling_ae_title", "InstitutionName"],
+        description="Tags joined into each study's site key.",
+    )
 
     # DICOM TLS: all of cert and key, optionally a CA to require client certificates
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
+    tls_cert: Path | None = Field(None, description="DICOM TLS certificate (with tls_key).")
+    tls_key: Path | None = Field(None, description="DICOM TLS private key (with tls_cert).")
+    tls_ca: Path | None = Field(
+        None, description="CA that callers' client certificates must be signed by."
+    )
 
     # Study completeness
-    quiet_period_s: float = Field(2.0, gt=0)
-    max_wait_s: float = Field(3600.0, gt=0)
-    completion_check_interval_s: float = Field(0.05, gt=0)
-    # A study that came over one association is complete this long after its release
-    # (unless its sender has another association open); off: the quiet period only.
-    complete_on_release: bool = True
-    release_grace_s: float = Field(0.1, ge=0)
-    count_query_peer: DicomPeer | None = None
+    quiet_period_s: float = Field(
+        2.0, gt=0, description="A study is complete this long after its last association."
+    )
+    max_wait_s: float = Field(
+        3600.0, gt=0, description="Hard maximum from a study's first instance to completion."
+    )
+    completion_check_interval_s: float = Field(
+        0.05, gt=0, description="How often the node checks studies for completeness."
+    )
+    complete_on_release: bool = Field(
+        True,
+        description="A study from one association is complete release_grace_s after its "
+        "release (unless its sender has another open); off: the quiet period only.",
+    )
+    release_grace_s: float = Field(
+        0.1, ge=0, description="Wait after a release before a study counts as complete."
+    )
+    count_query_peer: DicomPeer | None = Field(
+        None,
+        description='{"ae_title", "host", "port"} of a PACS asked (C-FIND) for the instance count.',
+    )
 
-    rules_file: Path | None = None
-    log_level: str = "INFO"
+    rules_file: Path | None = Field(None, description="Routing rules (YAML).")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ...")
 
     # Workers
-    result_backend_url: str | None = None
-    worker_pool: Literal["solo", "prefork"] = "solo"
-    worker_concurrency: int = Field(1, ge=1)
-    model_bundle: Path | None = None  # default: the active bundle, else the built-in demo
-    inference_threads: int | None = Field(None, ge=1)
-    task_visibility_timeout_s: int = Field(300, ge=10)
-    requeue_after_s: float = Field(600.0, gt=0)
+    result_backend_url: str | None = Field(
+        None, description="Celery results; unset: SQLite file in the data dir."
+    )
+    worker_pool: Literal["solo", "prefork"] = Field(
+        "solo", description="Celery pool of pacsclip worker."
+    )
+    worker_concurrency: int = Field(1, ge=1, description="Celery concurrency of pacsclip worker.")
+    model_bundle: Path | None = Field(
+        None, description="Bundle folder the workers run; unset: the active bundle, else the demo."
+    )
+    inference_threads: int | None = Field(
+        None, ge=1, description="onnxruntime threads per worker; unset: all cores."
+    )
+    task_visibility_timeout_s: int = Field(
+        300, ge=10, description="Redis broker: an unacknowledged task is redelivered after this."
+    )
+    requeue_after_s: float = Field(
+        600.0, gt=0, description="A complete study still without analysis is queued again."
+    )
 
     # Dispatch of results
-    destinations: list[DestinationConfig] = Field(default_factory=list)
-    dispatch_max_retries: int = Field(5, ge=0)
-    dispatch_backoff_s: float = Field(2.0, gt=0)
-    dispatch_timeout_s: float = Field(30.0, gt=0)
+    destinations: list[DestinationConfig] = Field(
+        default_factory=list,
+        description="JSON list of C-STORE or STOW-RS destinations that receive results.",
+    )
+    dispatch_max_retries: int = Field(
+        5, ge=0, description="Retries (exponential backoff) before a dead letter."
+    )
+    dispatch_backoff_s: float = Field(2.0, gt=0, description="First retry delay.")
+    dispatch_timeout_s: float = Field(30.0, gt=0, description="Timeout of one delivery.")
 
     # HTTP API and notifications
-    api_host: str = "127.0.0.1"
-    api_port: int = Field(8080, ge=0, le=65535)
-    api_token: SecretStr | None = None
-    # A study's linked-encounter revisit risk at or above this is flagged on the worklist.
-    revisit_flag_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    webhook_url: str | None = None
-    webhook_secret: SecretStr | None = None
-    hl7_host: str | None = None
-    hl7_port: int | None = Field(None, ge=1, le=65535)
-    hl7_receiving_app: str = "RIS"
-    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
+    api_host: str = Field(
+        "127.0.0.1", description="Address of the HTTP API (and of a worker's metrics port)."
+    )
+    api_port: int = Field(8080, ge=0, le=65535, description="HTTP API port.")
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token of /api; unset: every call but health answers 503."
+    )
+    revisit_flag_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Revisit risk at or above this is flagged on the worklist.",
+    )
+    webhook_url: str | None = Field(None, description="POSTed on each STAT result.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of the webhook signature."
+    )
+    hl7_host: str | None = Field(
+        None, description="Host sent an HL7 v2.5 ORU^R01 (MLLP) on each STAT result."
+    )
+    hl7_port: int | None = Field(None, ge=1, le=65535, description="HL7 MLLP port.")
+    hl7_receiving_app: str = Field("RIS", description="HL7 receiving application.")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Prometheus port of a standalone worker (on api_host)."
+    )
 
     @field_validator("allowed_callers", mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
 from plugin.errors import ConfigError
 from plugin.settings import DicomPeer, Settings, mask_url
+from plugin.settings_reference import settings_reference
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Effective configuration.")
@@ -71,6 +72,12 @@ def config_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         return
     for key, value in data.items():
         typer.echo(f"{key} = {json.dumps(value)}")
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every setting as a Markdown table (name, env variable, type, default, meaning)."""
+    typer.echo(settings_reference(), nl=False)
 
 
 NodeHost = Annotated[str | None, typer.Option("--host", help="Address to listen on.")]
