@@ -22,6 +22,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from plugin.dicom_logging import quiet_identifiers
 from plugin.settings import Settings
 
+PYNETDICOM_THREAD_CEILING = 1000
+
 # Stored exactly as received: the node never transcodes.
 ACCEPTED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
@@ -42,7 +44,11 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 def build_ae(settings: Settings) -> AE:
     quiet_identifiers()
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
+    # The cap is the node's own (AssociationLimit: open connections across all receiver
+    # processes). pynetdicom's counts association threads, and the thread of a connection
+    # that sent garbage lives on for the ARTIM timeout (acse_timeout) after the socket is
+    # closed: a few such connections would make it refuse every sender for that long.
+    ae.maximum_associations = max(settings.max_associations, PYNETDICOM_THREAD_CEILING)
     ae.require_called_aet = False
     ae.network_timeout = 60
     ae.acse_timeout = 30

@@ -22,7 +22,7 @@ from dicom_node.intake_events import (
     AssociationRejected,
     EventSink,
 )
-from dicom_node.object_checks import InvalidObject, inspect_dataset, read_header
+from dicom_node.object_checks import InvalidObject, inspect_dataset, read_whole
 from dicom_node.security import CallerPolicy
 from plugin import dicom_status as status
 from plugin.catalog.records import Peer
@@ -56,7 +56,7 @@ def handle_store(event: events.Event, receiver: Receiver) -> int | Dataset:
     transfer_syntax = event.context.transfer_syntax
     try:
         obj = inspect_dataset(
-            lambda: read_header(cast(BytesIO, request.DataSet), transfer_syntax),
+            lambda: read_whole(cast(BytesIO, request.DataSet), transfer_syntax),
             requested_sop_class_uid=sop_class_uid,
             requested_sop_instance_uid=sop_instance_uid,
             transfer_syntax_uid=str(transfer_syntax),
@@ -100,7 +100,7 @@ def handle_association_request(
 
 
 def handle_connection_open(event: events.Event, limit: AssociationLimit) -> None:
-    limit.opened()
+    limit.opened(event.assoc)
     # Responses are small writes; without TCP_NODELAY each one can wait for a delayed ACK.
     transport = event.assoc.dul.socket
     sock = transport.socket if transport is not None else None
@@ -113,7 +113,7 @@ def handle_accepted(event: events.Event, sink: EventSink) -> None:
 
 
 def handle_connection_close(event: events.Event, limit: AssociationLimit, sink: EventSink) -> None:
-    limit.closed()
+    limit.closed(event.assoc)
     # Also for associations never accepted: the node ignores keys it does not know.
     sink.put(AssociationClosed(association_key(event)))
 

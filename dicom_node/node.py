@@ -6,7 +6,6 @@ import hashlib
 import logging
 import multiprocessing
 import queue
-import signal
 import sys
 import threading
 import time
@@ -15,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from itertools import islice
-from types import FrameType
 
 from pydicom import dcmread
 
@@ -31,6 +29,7 @@ from dicom_node.routing import RoutingInput, RuleSet, default_rules, load_rules
 from dicom_node.scu import AssociationFailed, QueryFailed, query_study_instance_count
 from dicom_node.security import CallerPolicy
 from dicom_node.spool import Spool
+from dicom_node.stop_signal import StopSignal
 from plugin.catalog import repository
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.records import Peer
@@ -41,6 +40,8 @@ from plugin.study_state import StudyState
 from plugin.task_queue import make_celery
 
 logger = logging.getLogger(__name__)
+# How soon the main loop notices a signal (and a dead receiver process).
+SIGNAL_POLL_S = 0.2
 
 
 class DicomNode:
@@ -326,24 +327,20 @@ def main(
     catalog = open_catalog(settings.effective_database_url)
     publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
     node = DicomNode(settings, catalog, publisher=publisher, metrics=metrics)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("signal %d received, stopping", signum)
-        stop.set()
-        if on_signal is not None:
-            on_signal()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    stopping = StopSignal().install()
     node.start()
     failed = False
     try:
-        while not stop.wait(1.0):
+        while not stopping.received:
             if not node.healthy():
                 logger.error("a receiver process died; stopping the node")
                 failed = True
                 break
+            time.sleep(SIGNAL_POLL_S)
+        if stopping.signum is not None:
+            logger.info("signal %d received, stopping", stopping.signum)
+            if on_signal is not None:
+                on_signal()
     finally:
         node.stop()
         logger.info("DICOM node stopped")

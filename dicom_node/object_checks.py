@@ -7,7 +7,10 @@ from enum import Enum
 from io import BytesIO
 
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.filereader import read_dataset
+from pydicom.pixels.decoders.base import DecodeRunner
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode
@@ -69,8 +72,9 @@ class _ExactReader:
         return self._raw.tell()
 
 
-def read_header(raw: BytesIO, transfer_syntax: UID) -> Dataset:
-    """The leading elements of a received dataset, as received (no meta header)."""
+def read_header(raw: BytesIO, transfer_syntax: UID, *, whole: bool = False) -> Dataset:
+    """The leading elements of a received dataset (every element when ``whole``), as
+    received (no meta header)."""
     if transfer_syntax.is_deflated:
         raw.seek(0)
         return decode(raw, is_implicit_vr=False, is_little_endian=True, deflated=True)
@@ -78,8 +82,65 @@ def read_header(raw: BytesIO, transfer_syntax: UID) -> Dataset:
         _ExactReader(raw),  # type: ignore[arg-type]
         transfer_syntax.is_implicit_VR,
         transfer_syntax.is_little_endian,
-        stop_when=_past_last_tag,
+        stop_when=None if whole else _past_last_tag,
     )
+
+
+def read_whole(raw: BytesIO, transfer_syntax: UID) -> Dataset:
+    """The whole received dataset, each element decoded once, its pixel data checked against
+    the image attributes: what is answered Success must read back.
+
+    Raises on the first problem. Compressed pixel data is checked by its framing (offset
+    table, one fragment or more per frame), not decompressed: that would cost a decode of
+    every image on the receive path.
+    """
+    ds = read_header(raw, transfer_syntax, whole=True)
+    _convert_binary_values(ds)
+    if "PixelData" in ds:
+        _check_pixel_data(ds, transfer_syntax)
+    return ds
+
+
+# Text values are left raw: decoding them is most of the cost of a full read, and a text
+# value pydicom cannot decode is a warning when it is read back, not an error.
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+     "UI", "UR", "UT"}
+)  # fmt: skip
+
+
+def _convert_binary_values(ds: Dataset) -> None:
+    """Convert every element that is not text, sequences included (recursively): an unknown
+    VR, or a binary value whose length does not fit its VR, fails here. The converted values
+    are not kept: the dataset is only read."""
+    for raw_element in ds._dict.values():
+        if raw_element.VR in _TEXT_VRS:
+            continue
+        element = (
+            convert_raw_data_element(raw_element, ds=ds)
+            if isinstance(raw_element, RawDataElement)
+            else raw_element
+        )
+        if element.VR == "SQ":
+            for item in element.value:
+                _convert_binary_values(item)
+
+
+def _check_pixel_data(ds: Dataset, transfer_syntax: UID) -> None:
+    runner = DecodeRunner(transfer_syntax)
+    try:
+        runner.set_source(ds)
+        runner.validate()  # pydicom's own checks before a decode: attributes, buffer length
+        if transfer_syntax.is_encapsulated:
+            fragments = BytesIO(ds.PixelData)
+            parse_basic_offsets(fragments)
+            count, _ = parse_fragments(fragments)
+            if count < runner.number_of_frames:
+                raise ValueError(f"{count} fragments for {runner.number_of_frames} frames")
+    except (AttributeError, ValueError, TypeError, KeyError, NotImplementedError) as exc:
+        raise InvalidObject(
+            Problem.UNPARSABLE, "pixel data does not fit the image attributes"
+        ) from exc
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

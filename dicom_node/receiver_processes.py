@@ -19,6 +19,7 @@ from typing import Any
 
 from dicom_node.intake_events import IntakeEvent
 from dicom_node.receiving import drain, start_receiving
+from dicom_node.stop_signal import StopSignal
 from plugin.logs import configure_logging
 from plugin.settings import Settings
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT_S = 60.0
+STOP_POLL_S = 0.2
 
 
 def _die_with_parent() -> None:
@@ -49,13 +51,13 @@ def receiver_main(
     # load_settings and cannot be pickled; validation here reads no environment or file.
     settings = Settings.model_validate(settings_values)
     configure_logging(settings.log_level)
-    # The node coordinates shutdown: Ctrl-C reaches the whole process group, SIGTERM may come
-    # from a supervisor; either way the receiver drains through ``stop``.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    # The node coordinates shutdown: Ctrl-C reaches the whole process group; SIGTERM may come
+    # from a supervisor, to this process alone or with the node.
+    terminated = StopSignal().install(sigint=False)
     server = start_receiving(settings, events, port=port, open_connections=open_connections)
     ready.set()
-    stop.wait()
+    while not terminated.received and not stop.wait(STOP_POLL_S):
+        pass
     drain(server, drain_timeout_s)
     events.close()
     events.join_thread()  # every event is handed to the node before the process ends

@@ -11,13 +11,15 @@ import socket
 import socketserver
 import threading
 import time
+import warnings
 from multiprocessing.sharedctypes import Synchronized
 from typing import cast
 
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.ae import build_ae
-from dicom_node.association_limit import AssociationLimit
+from dicom_node.association_limit import AssociationLimit, reactor_died
 from dicom_node.handlers import store_handlers
 from dicom_node.intake import Receiver
 from dicom_node.intake_events import EventSink
@@ -26,6 +28,8 @@ from dicom_node.spool import Quarantine, Spool
 from plugin.settings import Settings
 
 logger = logging.getLogger(__name__)
+# After the drain period: how long aborted associations get to send their A-ABORT.
+ABORT_WAIT_S = 1.0
 
 
 class ReusePortAssociationServer(ThreadedAssociationServer):
@@ -49,6 +53,11 @@ def start_receiving(
 
     ``open_connections`` counts the connections of every receiver of the node, for the cap
     on concurrent associations."""
+    # pydicom reports each odd value it reads as a warning that names the value, and the
+    # warnings module keeps every distinct message it has shown (once per location) for the
+    # life of the process: a node fed malformed objects would grow without bound. pydicom
+    # logs the same message to its logger, so nothing is lost.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     receiver = Receiver(
         spool=Spool(settings.spool_dir, min_free_bytes=settings.min_free_disk_mb * 2**20),
         quarantine=Quarantine(settings.quarantine_dir),
@@ -75,14 +84,23 @@ def drain(server: ReusePortAssociationServer, timeout_s: float) -> int:
     still open at the deadline."""
     server.shutdown()
     deadline = time.monotonic() + timeout_s
-    while server.active_associations and time.monotonic() < deadline:
+    while (open_now := _served(server)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = len(server.active_associations)
-    if left:
-        logger.warning("%d associations still open at shutdown; they are aborted", left)
-        for assoc in server.active_associations:
-            assoc.abort()
-    return left
+    if open_now:
+        logger.warning("%d associations still open at shutdown; they are aborted", len(open_now))
+        # Not blocking: a blocking abort waits 0.1 s per association.
+        for assoc in open_now:
+            assoc.abort(block=False)
+        abort_deadline = time.monotonic() + ABORT_WAIT_S
+        while _served(server) and time.monotonic() < abort_deadline:
+            time.sleep(0.05)
+    return len(open_now)
+
+
+def _served(server: ReusePortAssociationServer) -> list[Association]:
+    """The open associations that still have a reactor: one whose reactor died on a
+    malformed PDU serves nobody (its thread ends by itself at the ACSE timeout)."""
+    return [a for a in server.active_associations if not reactor_died(a)]
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

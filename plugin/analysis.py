@@ -1,5 +1,9 @@
 """Analysing a complete study: triage, result objects, catalog rows, dispatch jobs.
 
+A study out of the model's distribution is still recorded, with its embeddings (so retrieval
+finds it), and gets an SR saying it was not scored; it gets no overlay, since there is no
+finding to show.
+
 Idempotent per (study, generation, model name, model version): the result UIDs are derived
 from those, and a second run finds the first one's rows, so a redelivered task never makes a
 second SR in the PACS.
@@ -11,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
 
@@ -32,6 +36,7 @@ from plugin.durable import write_durably
 from plugin.inference import TriageModel, TriageReport
 from plugin.results import (
     AlgorithmIdentity,
+    DistributionCheck,
     FindingResult,
     ResultUids,
     StudyResult,
@@ -58,6 +63,8 @@ class AnalysisOutcome:
     since_complete_s: float | None = None
     # Seconds per step: read, decode, inference, saliency, build, write, record.
     steps: dict[str, float] = field(default_factory=dict)
+    site: str | None = None  # the study's site key, for per-site metrics
+    images_outside: int = 0  # images out of the model's distribution (not scored)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,8 @@ class StudyAnalyser:
                 study_uid, generation, report, stored, destinations, time.monotonic() - started
             )
         outcome.steps.update(steps)
+        if report.distribution is not None:
+            outcome = replace(outcome, site=site, images_outside=report.distribution.images_outside)
         logger.info(
             "study %s generation %d analysed by %s %s: priority %s, %d objects, %d jobs",
             study_uid,
@@ -162,6 +171,7 @@ class StudyAnalyser:
             priority=report.priority,  # type: ignore[arg-type]
             triggered_by=report.triggered_by,
             algorithm=self.algorithm,
+            distribution=_distribution_check(report),
         )
         when = self.now()
         scored = [ds for ds in datasets if str(ds.SOPInstanceUID) in set(report.images)]
@@ -242,6 +252,7 @@ class StudyAnalyser:
                 }
                 for f in report.findings
             ],
+            ood=report.ood_dict(),
             duration_s=duration_s,
             objects=objects,
             destinations=[d.name for d in destinations],
@@ -272,6 +283,20 @@ def _timed(steps: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         steps[name] = time.perf_counter() - started
+
+
+def _distribution_check(report: TriageReport) -> DistributionCheck | None:
+    d = report.distribution
+    if d is None:
+        return None
+    return DistributionCheck(
+        method=d.method,
+        distance=d.distance,
+        threshold=d.threshold,
+        images=len(d.distances),
+        images_outside=d.images_outside,
+        scored=d.scored,
+    )
 
 
 def _outcome(done: RecordedAnalysis) -> AnalysisOutcome:

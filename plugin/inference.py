@@ -1,8 +1,10 @@
 """Run a model bundle on the images of a study: the triage the worker and ``pacsclip triage`` share.
 
-DICOM datasets -> model input -> image embeddings -> per-finding probabilities (zero-shot
-prompt ensembles, or a fitted head) -> pooled over images -> calibrated decisions ->
-priority -> saliency maps for the findings worth showing. Loaded once per process.
+DICOM datasets -> model input -> image embeddings -> out-of-distribution check (when the
+bundle has a reference) -> per-finding probabilities of the images in distribution (zero-shot
+prompt ensembles, or a fitted head) -> pooled over images -> calibrated decisions -> priority
+-> saliency maps for the findings worth showing. A study whose images are out of distribution
+is "not scored": no finding, no heat map. Loaded once per process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from plugin.imaging import ImageSpec, display_array, model_input, pool_scores, s
 from plugin.models.bundle import SYNTHETIC_NOTICE, Bundle
 from plugin.models.runtime import ImageEncoder, PromptEmbeddings
 from plugin.triage import (
+    NOT_SCORED,
     Calibration,
     FindingPrompts,
     LinearProbe,
@@ -34,6 +37,7 @@ from plugin.triage import (
     region,
     zero_shot_probabilities,
 )
+from plugin.triage.ood import OodReference, OodReferenceError, StudyDistribution
 from plugin.triage.site_heads import SiteHead, apply_site_head
 
 logger = logging.getLogger(__name__)
@@ -72,10 +76,13 @@ class TriageReport:
     findings: list[FindingOutcome]
     priority: str
     triggered_by: list[str]
-    images: list[str]  # SOP Instance UIDs scored
+    # SOP Instance UIDs embedded: those out of distribution too, for they are still indexed.
+    images: list[str]
     embeddings: NDArray[np.float32]  # [images, D], for similar-case retrieval
     saliency: list[SaliencyOutcome] = field(default_factory=list)
     site_head: str | None = None  # "site-head-vN" when a promoted site head scored the study
+    # Where the images lie against the bundle's reference; None when none was checked.
+    distribution: StudyDistribution | None = None
     # Not part of the result: the decoded images (by SOP Instance UID), so overlays need not
     # decode them again, and seconds per step (decode, inference, saliency).
     displays: dict[str, NDArray[np.float32]] = field(default_factory=dict, repr=False)
@@ -84,6 +91,27 @@ class TriageReport:
     @property
     def notices(self) -> list[str]:
         return [AI_NOTICE, *([SYNTHETIC_NOTICE] if self.synthetic else [])]
+
+    @property
+    def scored(self) -> bool:
+        return self.distribution is None or self.distribution.scored
+
+    def ood_dict(self) -> dict[str, Any] | None:
+        """The out-of-distribution status as results show it; None when none was checked."""
+        d = self.distribution
+        if d is None:
+            return None
+        return {
+            "status": "in_distribution" if d.scored else "out_of_distribution",
+            "scored": d.scored,
+            "method": d.method,
+            "distance": d.distance,
+            "threshold": d.threshold,
+            "images": len(d.distances),
+            "images_outside": d.images_outside,
+            "distances": list(d.distances),
+            "model": {"name": self.algorithm_name, "version": self.algorithm_version},
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +123,7 @@ class TriageReport:
                 **({"site_head": self.site_head} if self.site_head else {}),
             },
             "notices": self.notices,
+            "ood": self.ood_dict(),
             "priority": self.priority,
             "triggered_by": self.triggered_by,
             "findings": [f.__dict__ for f in self.findings],
@@ -122,6 +151,7 @@ class TriageModel:
         *,
         threads: int | None = None,
         site_heads: Mapping[str, tuple[int, SiteHead]] | None = None,
+        ood_guard: bool = True,
     ) -> None:
         manifest = bundle.manifest
         self.bundle = bundle
@@ -143,6 +173,13 @@ class TriageModel:
         # Promoted site-adapted heads (site key -> (version, head)): they replace the scores of
         # their findings for studies of that site only (plugin/triage/site_heads.py).
         self.site_heads = dict(site_heads or {})
+        self.ood = _load_ood(bundle) if ood_guard else None
+        if ood_guard and self.ood is None:
+            logger.warning(
+                "bundle %s has no out-of-distribution reference: its findings are asserted on "
+                "every image; fit one with `pacsclip model fit-ood`",
+                bundle.ref,
+            )
 
     def warm_up(self) -> None:
         """Run the image tower once on a blank image, so that the first study does not pay
@@ -201,7 +238,7 @@ class TriageModel:
         self, datasets: Sequence[Dataset], *, saliency: bool = True, site: str | None = None
     ) -> TriageReport:
         """Score a study; ``site`` (the study's site key) selects that site's promoted head."""
-        images = _images_to_score(datasets)
+        images = all_images = _images_to_score(datasets)
         if not images:
             raise ValueError("no image in the study can be scored")
         started = time.perf_counter()
@@ -209,7 +246,16 @@ class TriageModel:
         decoded = time.perf_counter()
         inputs = np.stack([model_input(d, self.spec) for d in displays])
         embeds = self.encoder.encode(inputs)
-        probs = self.scores(embeds, site)
+        distribution = None if self.ood is None else self.ood.assess(embeds, inputs)
+        if distribution is not None and not distribution.scored:
+            return self._not_scored(images, displays, embeds, distribution, started, decoded)
+        # Images outside the reference are embedded (and indexed) but never scored.
+        kept = [
+            i for i in range(len(images)) if distribution is None or not distribution.outside[i]
+        ]
+        if len(kept) < len(images):
+            images, displays = [images[i] for i in kept], [displays[i] for i in kept]
+        probs = self.scores(embeds[kept], site)
         site_head = self._site_head(site)
         pooled = pool_scores(probs, "max")
         best = probs.argmax(axis=0)
@@ -236,9 +282,10 @@ class TriageModel:
             findings=findings,
             priority=priority,
             triggered_by=triggered,
-            images=[str(ds.SOPInstanceUID) for ds in images],
+            images=[str(ds.SOPInstanceUID) for ds in all_images],
             embeddings=embeds.astype(np.float32),
             site_head=None if site_head is None else f"site-head-v{site_head[0]}",
+            distribution=distribution,
             displays={str(ds.SOPInstanceUID): d for ds, d in zip(images, displays, strict=True)},
         )
         scored = time.perf_counter()
@@ -248,6 +295,43 @@ class TriageModel:
             decode=decoded - started,
             inference=scored - decoded,
             saliency=time.perf_counter() - scored,
+        )
+        return report
+
+    def _not_scored(
+        self,
+        images: list[Dataset],
+        displays: list[NDArray[np.float32]],
+        embeds: NDArray[np.float32],
+        distribution: StudyDistribution,
+        started: float,
+        decoded: float,
+    ) -> TriageReport:
+        """The report of a study out of distribution: no finding, no heat map, no priority
+        from findings; its embeddings are kept for retrieval."""
+        logger.info(
+            "study not scored by %s: %d of %d images out of distribution (distance %.2f, "
+            "threshold %.2f)",
+            self.bundle.ref,
+            distribution.images_outside,
+            len(distribution.distances),
+            distribution.distance,
+            distribution.threshold,
+        )
+        report = TriageReport(
+            algorithm_name=self.bundle.name,
+            algorithm_version=self.bundle.version,
+            synthetic=self.bundle.is_synthetic,
+            findings=[],
+            priority=NOT_SCORED,
+            triggered_by=[],
+            images=[str(ds.SOPInstanceUID) for ds in images],
+            embeddings=embeds.astype(np.float32),
+            distribution=distribution,
+            displays={str(ds.SOPInstanceUID): d for ds, d in zip(images, displays, strict=True)},
+        )
+        report.timings.update(
+            decode=decoded - started, inference=time.perf_counter() - decoded, saliency=0.0
         )
         return report
 
@@ -312,6 +396,23 @@ def _load_head(bundle: Bundle) -> LinearProbe | TipAdapter | None:
         raise ValueError(f"active head {label} is not in the bundle")
     kind = TipAdapter if ref.kind == "tip_adapter" else LinearProbe
     return kind.load(bundle.path_of(ref.file), ref.findings)
+
+
+def _load_ood(bundle: Bundle) -> OodReference | None:
+    """The bundle's reference, checked against its manifest entry; None when it has none."""
+    spec, path = bundle.manifest.ood, bundle.ood_reference_path
+    if spec is None or path is None:
+        return None
+    reference = OodReference.load(path, bundle.embedding_dim)
+    stored = (reference.method, reference.features, reference.thumbnail)
+    declared = (spec.method, spec.features, spec.thumbnail)
+    if stored != declared or not np.isclose(reference.threshold, spec.threshold, rtol=1e-9):
+        raise OodReferenceError(
+            f"bundle {bundle.ref}: {spec.file.path} holds {stored} with threshold "
+            f"{reference.threshold:.6g} but bundle.json declares {declared} with threshold "
+            f"{spec.threshold:.6g}: fit the reference again with `pacsclip model fit-ood`"
+        )
+    return reference
 
 
 def _images_to_score(datasets: Sequence[Dataset]) -> list[Dataset]:

@@ -92,6 +92,13 @@ class PacsclipMetrics:
             buckets=STEP_BUCKETS,
             registry=self.registry,
         )
+        self._ood_inputs = Counter(
+            "pacsclip_ood_inputs",
+            "Images out of the model's distribution (stored and indexed, not scored), per "
+            "site and model",
+            ["site", "model"],
+            registry=self.registry,
+        )
         self._catalog_gauges: CatalogGauges | None = None
 
     def observe_stage(self, stage: Stage | str, seconds: float | None = None) -> None:
@@ -111,6 +118,13 @@ class PacsclipMetrics:
     def observe_analysis_steps(self, steps: Mapping[str, float]) -> None:
         for step, seconds in steps.items():
             self._analysis_steps.labels(step=step).observe(seconds)
+
+    def observe_ood_inputs(self, site: str, model: str, count: int = 1) -> None:
+        """Count ``count`` images of a study from ``site`` that ``model`` (name@version) found
+        out of its distribution."""
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self._ood_inputs.labels(site=site, model=model).inc(count)
 
     def include_catalog(self, read: Callable[[], CatalogSnapshot | None]) -> None:
         """Report catalog gauges at each scrape; calling it again replaces the reader."""

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,12 @@ def run_worker_process(
 
 
 def build_api(settings: Settings, metrics: Any | None = None) -> Any:
-    """The FastAPI app over the catalog, with result objects served from the results folder."""
+    """The FastAPI app over the catalog (result objects served from the results folder) with
+    the web dashboard."""
     from plugin.api import create_app
     from plugin.catalog import dispatch_jobs, repository
     from plugin.catalog.db import open_catalog
+    from plugin.dashboard import mount_dashboard
     from plugin.metrics import PacsclipMetrics
     from plugin.retrieval.service import service_for
 
@@ -81,15 +84,43 @@ def build_api(settings: Settings, metrics: Any | None = None) -> Any:
         relative = repository.result_object_path(session, study_uid, sop_instance_uid)
         return None if relative is None else settings.results_dir / relative
 
-    return create_app(
+    metrics = metrics or PacsclipMetrics()
+    retrieval = service_for(settings, catalog.sessions)
+    app = create_app(
         settings,
         catalog.sessions,
-        metrics or PacsclipMetrics(),
+        metrics,
         results_for=repository.results_for,
         object_file=object_file,
         failed_dispatch_jobs=dispatch_jobs.count_failed_jobs,
-        retrieval=service_for(settings, catalog.sessions),
+        retrieval=retrieval,
     )
+    mount_dashboard(
+        app,
+        settings,
+        catalog.sessions,
+        metrics,
+        retrieval=retrieval,
+        rule_tester=partial(routing_decision, settings),
+        enqueue_dispatch=partial(enqueue_dispatch, settings),
+    )
+    return app
+
+
+def routing_decision(settings: Settings, ds: Any, calling_ae_title: str) -> dict[str, object]:
+    """The decision the configured rules (read afresh: the file may have been edited) make
+    for one file; RulesError (a ValueError) when the rules file cannot be used."""
+    from dicom_node.routing import RoutingInput, default_rules, load_rules
+
+    rules = load_rules(settings.rules_file) if settings.rules_file else default_rules()
+    return rules.decide(RoutingInput.from_dataset(ds, calling_ae_title)).as_dict()
+
+
+def enqueue_dispatch(settings: Settings, job_id: int) -> None:
+    """Queue a replayed dispatch job (as ``pacsclip jobs retry`` does)."""
+    from plugin.task_queue import DISPATCH_QUEUE, DISPATCH_RESULT, make_celery
+
+    make_celery(settings).send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
 
 
 @contextmanager

@@ -171,6 +171,11 @@ class Settings(BaseSettings):
     inference_threads: int | None = Field(
         None, ge=1, description="onnxruntime threads per worker; unset: all cores."
     )
+    ood_guard: bool = Field(
+        True,
+        description="Out-of-distribution guard: a study unlike the bundle's reference images "
+        "is stored and indexed but not scored (no findings). Off: findings on every image.",
+    )
     task_visibility_timeout_s: int = Field(
         300, ge=10, description="Redis broker: an unacknowledged task is redelivered after this."
     )

@@ -16,6 +16,8 @@ from plugin.settings import Settings
 
 ANALYSE_STUDY: Final = "pacsclip.analyse_study"
 DISPATCH_RESULT: Final = "pacsclip.dispatch_result"
+# Runs only on workers started with `pacsclip worker --queues training`.
+FINETUNE_BUNDLE: Final = "pacsclip.finetune_bundle"
 
 STAT_QUEUE: Final = "stat"
 ROUTINE_QUEUE: Final = "routine"

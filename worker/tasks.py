@@ -10,8 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, Final
 
+import sqlalchemy.exc
 from celery import Celery, Task
 from pydicom import dcmread
 
@@ -27,7 +28,7 @@ from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import Settings
-from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT
+from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT, FINETUNE_BUNDLE
 from plugin.triage.site_heads import load_active_site_heads
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,12 @@ class WorkerContext:
         bundle = resolve_bundle(self.settings.data_dir, self.settings.model_bundle)
         # Site heads promoted with `pacsclip adapt promote`; read when the worker starts.
         site_heads = load_active_site_heads(self.settings.data_dir, bundle.ref)
-        model = TriageModel(bundle, threads=self.settings.inference_threads, site_heads=site_heads)
+        model = TriageModel(
+            bundle,
+            threads=self.settings.inference_threads,
+            site_heads=site_heads,
+            ood_guard=self.settings.ood_guard,
+        )
         logger.info("model %s loaded", bundle.ref)
         return StudyAnalyser(self.settings, self.catalog, model)
 
@@ -122,6 +128,9 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
         context.metrics.observe_stage(Stage.ANALYSED, seconds=outcome.since_complete_s)
         context.metrics.observe_analysis_duration(outcome.duration_s)
         context.metrics.observe_analysis_steps(outcome.steps)
+        if outcome.images_outside and outcome.site is not None:
+            model = context.analyser.model.bundle.ref
+            context.metrics.observe_ood_inputs(outcome.site, model, outcome.images_outside)
         # Enqueued after the analysis is committed, so a dispatch never finds no rows.
         for job_id in outcome.job_ids:
             task.app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
@@ -186,7 +195,36 @@ def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
     return {"job": job_id, "state": outcome.state}  # not sent: redelivered, or no destination
 
 
+def finetune_bundle(task: Task, request: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune a bundle (plugin.finetune.job); progress goes to the task's state, where
+    ``pacsclip model finetune --queue`` reads it. A bad request fails the task with its reason."""
+    from plugin.finetune.job import FinetuneRequest, run_finetune
+
+    def progress(stage: str, done: int, total: int) -> None:
+        task.update_state(state="PROGRESS", meta={"stage": stage, "done": done, "total": total})
+
+    context = context_of(task)
+    outcome = run_finetune(context.settings, FinetuneRequest.from_message(request), progress)
+    return outcome.as_dict()
+
+
+# The catalog restarting or failing over is an outage to wait out, not a task failure: a task
+# that failed on it would be acknowledged, and its study left unanalysed or its job unsent.
+# Both tasks are idempotent (an analysis per study generation; result UIDs are fixed).
+CATALOG_OUTAGE_RETRY: Final[dict[str, Any]] = {
+    "autoretry_for": (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": False,
+}
+
+
 def register(app: Celery) -> None:
     """Bind the tasks to ``app`` under the names the node sends."""
-    app.task(name=ANALYSE_STUDY, bind=True)(analyse_study)
-    app.task(name=DISPATCH_RESULT, bind=True, max_retries=None)(dispatch_result)
+    # 20 retries wait out about 8 minutes; after that the node queues the study again.
+    app.task(name=ANALYSE_STUDY, bind=True, max_retries=20, **CATALOG_OUTAGE_RETRY)(analyse_study)
+    # No limit: a job's own retries and dead letter are counted by plugin.delivery.
+    app.task(name=DISPATCH_RESULT, bind=True, max_retries=None, **CATALOG_OUTAGE_RETRY)(
+        dispatch_result
+    )
+    app.task(name=FINETUNE_BUNDLE, bind=True)(finetune_bundle)

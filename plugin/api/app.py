@@ -32,7 +32,7 @@ from plugin.metrics import CatalogSnapshot, PacsclipMetrics
 from plugin.retrieval.service import RetrievalService
 from plugin.settings import Settings
 from plugin.study_state import StudyState
-from plugin.triage.priority import Priority
+from plugin.triage.priority import WorklistFlag
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def health(session: DbSession) -> JSONResponse:
 def list_studies(
     session: DbSession,
     state: StudyState | None = None,
-    priority: Priority | None = None,
+    priority: WorklistFlag | None = None,
     revisit_flagged: Annotated[
         bool | None, Query(description="Only studies with (or without) a flagged revisit risk.")
     ] = None,

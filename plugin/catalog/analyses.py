@@ -108,6 +108,7 @@ class NewAnalysis:
     duration_s: float
     objects: list[ResultFile]
     destinations: list[str]  # one pending dispatch job each
+    ood: dict[str, object] | None = None  # out-of-distribution status, when checked
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def record_analysis(
         priority=new.priority,
         triggered_by=new.triggered_by,
         findings=new.findings,
+        ood=new.ood,
         duration_s=new.duration_s,
         objects=[
             ResultObject(

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -45,6 +46,12 @@ class Site(Base):
 
 class Study(Base):
     __tablename__ = "study"
+    # Keyset pagination of the worklist, newest first, optionally within a state or priority.
+    __table_args__ = (
+        Index("ix_study_received_at_id", "received_at", "id"),
+        Index("ix_study_state_received_at_id", "state", "received_at", "id"),
+        Index("ix_study_priority_received_at_id", "priority", "received_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -157,6 +164,9 @@ class Analysis(Base):
     priority: Mapped[str] = mapped_column(String(16))
     triggered_by: Mapped[list[str]] = mapped_column(JSON)
     findings: Mapped[list[dict[str, object]]] = mapped_column(JSON)
+    # Out-of-distribution status (distance, threshold, model); None when the model has no
+    # reference. A study out of distribution has no findings and priority "not_scored".
+    ood: Mapped[dict[str, object] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     duration_s: Mapped[float | None]
 

@@ -375,6 +375,7 @@ def results_for(session: Session, study_uid: str) -> list[dict[str, Any]]:
             "priority": a.priority,
             "triggered_by": a.triggered_by,
             "findings": a.findings,
+            "ood": a.ood,
             "created_at": a.created_at.isoformat(),
             "objects": [
                 {

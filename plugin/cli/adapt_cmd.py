@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -157,56 +157,22 @@ def adapt_promote(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate a site head on labelled images of its site; activate it if not worse."""
-    from plugin.adaptation.triage_heads import compare_heads, read_image_labels
-    from plugin.inference import TriageModel
-    from plugin.triage.site_heads import SiteHeadError, SiteHeadRegistry
+    from plugin.site_head_promotion import promote_site_head
 
     settings, model = _context(ctx, bundle)
-    registry = SiteHeadRegistry.for_data_dir(settings.data_dir, model.ref)
     with exit_on_error(ValueError):
-        entry = registry.entry(head)
-        if entry.site != site:
-            raise SiteHeadError(f"site head {head} was trained for {entry.site!r}, not {site!r}")
-        candidate = registry.load(head)
-        stored = _embeddings(settings, model.ref)
-        _known_site(stored, site)
-        at_site = stored.of_site(site)
-        image_labels = read_image_labels(labels, [f.name for f in model.findings])
-        aligned = image_labels.align(at_site.sop_instance_uids, at_site.study_instance_uids)
-        y = np.column_stack(
-            [
-                aligned[:, image_labels.findings.index(f)]
-                if f in image_labels.findings
-                else np.full(len(at_site), np.nan)
-                for f in candidate.findings
-            ]
-        )
-        rows = ~np.isnan(y).all(axis=1)
-        if not rows.any():
-            raise ConfigError(f"{labels} labels no image of site {site!r} for {entry.findings}")
-        # What the site uses now: the bundle's scores with the site's active head, if any.
-        runtime = TriageModel(model, threads=threads, site_heads=registry.active_heads())
-        vectors = at_site.vectors[rows]
-        current = runtime.scores(vectors, site)
-        new = candidate.predict_proba(vectors)
-        names = runtime.finding_names
-        comparison = compare_heads(
-            y[rows],
-            {f: new[:, i] for i, f in enumerate(candidate.findings)},
-            {f: current[:, names.index(f)] for f in candidate.findings},
+        outcome = promote_site_head(
+            settings.data_dir,
+            open_sessions(settings),
+            model,
+            site,
+            head,
+            labels,
             tolerance=tolerance,
+            force=force,
+            threads=threads,
         )
-        activate = comparison.not_worse or force
-        previous = registry.active().get(site)
-        if activate:
-            validation: dict[str, Any] = {
-                **comparison.as_dict(),
-                "labels": labels.name,
-                "validated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "forced": not comparison.not_worse,
-                "replaced": previous,
-            }
-            registry.activate(site, head, validation)
+    comparison, activate, previous = outcome.comparison, outcome.activated, outcome.previous
     if as_json:
         typer.echo(json.dumps({**comparison.as_dict(), "activated": activate}, indent=2))
     else:

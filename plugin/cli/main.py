@@ -233,7 +233,7 @@ def studies_list(
     ctx: typer.Context,
     as_json: JsonFlag = False,
     state: Annotated[str | None, typer.Option(help="Only studies in this state.")] = None,
-    priority: Annotated[str | None, typer.Option(help="stat or routine.")] = None,
+    priority: Annotated[str | None, typer.Option(help="stat, routine or not_scored.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
 ) -> None:
     """List studies, newest first."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,6 +15,7 @@ import typer
 from pydantic import TypeAdapter, ValidationError
 
 from plugin.cli.common import JsonFlag, command_settings, exit_on_error, print_json
+from plugin.cli.finetune_cmd import model_finetune, model_promote
 from plugin.models.bundle import (
     SYNTHETIC_NOTICE,
     Bundle,
@@ -115,6 +118,15 @@ def _print_report(report: BundleReport) -> None:
         f"resize {image.resize}, window {image.window}"
     )
     typer.echo(f"text encoder: {m.text_encoder.kind}")
+    if m.ood is None:
+        typer.echo("out-of-distribution reference: none (every image is scored)")
+    else:
+        fitted = m.ood.fitted_on
+        typer.echo(
+            f"out-of-distribution reference: {m.ood.method} on {m.ood.features}, threshold "
+            f"{m.ood.threshold:.3f} ({m.ood.quantile:g} quantile of {fitted.heldout_n} held-out "
+            f"images; fitted on {fitted.n}: {fitted.description})"
+        )
     _print_findings(m)
     card = m.model_card
     typer.echo("model card:")
@@ -153,6 +165,11 @@ def model_install(
     with exit_on_error():
         ref = registry.install(directory, activate=activate)
     typer.echo(f"installed {ref}{' (active)' if activate else ''}")
+
+
+# Fine-tuning on local pairs and the explicit switch to its result (plugin/cli/finetune_cmd.py).
+model_app.command("finetune")(model_finetune)
+model_app.command("promote")(model_promote)
 
 
 @model_app.command("activate")
@@ -227,6 +244,106 @@ def _build_and_install(registry: Registry, spec: OnnxImport, activate: bool) -> 
     registry.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".import-", dir=registry.root) as staging:
         bundle = build_onnx_bundle(spec, Path(staging) / "bundle")
+        return registry.install(bundle.directory, activate=activate)
+
+
+ImportName = Annotated[
+    str | None, typer.Option(help="Bundle name; default: from the folder or file name.")
+]
+ImportVersion = Annotated[
+    str | None, typer.Option(help="Bundle version; default: sha256- and the weights' digest.")
+]
+ImportPrompts = Annotated[
+    Path | None,
+    typer.Option(help="JSON file with findings (and priority); default: six chest findings."),
+]
+ImportTokenizer = Annotated[
+    Path | None, typer.Option(help="Folder with the tokenizer files; default: the model's.")
+]
+ImportActivate = Annotated[bool, typer.Option(help="Make it the active bundle.")]
+
+
+@model_app.command("import-hf")
+def model_import_hf(
+    ctx: typer.Context,
+    directory: Annotated[
+        Path, typer.Argument(help="Hugging Face CLIPModel or SiglipModel folder.")
+    ],
+    name: ImportName = None,
+    version: ImportVersion = None,
+    prompts: ImportPrompts = None,
+    tokenizer: ImportTokenizer = None,
+    activate: ImportActivate = False,
+) -> None:
+    """Export a local Hugging Face CLIP/SigLIP model to ONNX, write a bundle and install it."""
+    from plugin.models.importers.hf import HfImport, build_hf_bundle, weight_files
+    from plugin.models.importers.naming import default_name, weights_version
+
+    registry = _registry(ctx)
+    with exit_on_error():
+        spec = HfImport(
+            folder=directory,
+            name=name or default_name(directory),
+            version=version or weights_version(weight_files(directory)),
+            prompts=read_prompts_file(prompts) if prompts is not None else None,
+            tokenizer_dir=tokenizer,
+        )
+        ref = _stage_and_install(registry, partial(build_hf_bundle, spec), activate)
+    typer.echo(f"installed {ref}{' (active)' if activate else ''}")
+
+
+@model_app.command("import-open-clip")
+def model_import_open_clip(
+    ctx: typer.Context,
+    path: Annotated[
+        Path, typer.Argument(help="Checkpoint folder, or the weights file beside its config.")
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(help="open_clip model config JSON; default: open_clip_config.json."),
+    ] = None,
+    name: ImportName = None,
+    version: ImportVersion = None,
+    prompts: ImportPrompts = None,
+    tokenizer: ImportTokenizer = None,
+    quick_gelu: Annotated[
+        bool | None,
+        typer.Option(
+            "--quick-gelu/--no-quick-gelu",
+            help="Activation of OpenAI-style towers; default: the config's quick_gelu.",
+        ),
+    ] = None,
+    activate: ImportActivate = False,
+) -> None:
+    """Load an open_clip checkpoint with pacsclip's own code, export it, write a bundle."""
+    from plugin.models.importers.naming import default_name, weights_version
+    from plugin.models.importers.open_clip import (
+        OpenClipImport,
+        build_open_clip_bundle,
+        find_checkpoint,
+    )
+
+    registry = _registry(ctx)
+    with exit_on_error():
+        checkpoint = find_checkpoint(path)
+        spec = OpenClipImport(
+            path=checkpoint,
+            name=name or default_name(path),
+            version=version or weights_version([checkpoint]),
+            config=config,
+            tokenizer_dir=tokenizer,
+            prompts=read_prompts_file(prompts) if prompts is not None else None,
+            quick_gelu=quick_gelu,
+        )
+        ref = _stage_and_install(registry, partial(build_open_clip_bundle, spec), activate)
+    typer.echo(f"installed {ref}{' (active)' if activate else ''}")
+
+
+def _stage_and_install(registry: Registry, build: Callable[[Path], Bundle], activate: bool) -> str:
+    """Build a bundle in a staging folder of the registry, then install it from there."""
+    registry.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=registry.root) as staging:
+        bundle = build(Path(staging) / "bundle")
         return registry.install(bundle.directory, activate=activate)
 
 
@@ -307,6 +424,74 @@ def model_fit_head(
     typer.echo(f"head {head.name}-v{head.version} for {', '.join(head.findings)} ({state})")
 
 
+@model_app.command("fit-ood")
+def model_fit_ood(
+    ctx: typer.Context,
+    bundle: Annotated[
+        Path | None,
+        typer.Argument(help="Bundle folder to change (default: the active bundle)."),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Folder of DICOM images like those the bundle will score."),
+    ] = None,
+    demo: Annotated[
+        bool,
+        typer.Option("--demo", help="Phantoms of the demo generator (synthetic bundles only)."),
+    ] = False,
+    quantile: Annotated[
+        float, typer.Option(min=0.5, max=0.9999, help="Held-out quantile of the threshold.")
+    ] = 0.995,
+    heldout_fraction: Annotated[
+        float, typer.Option(help="--images: share held out to set the threshold.")
+    ] = 0.5,
+    n_fit: Annotated[int, typer.Option(min=20, help="--demo: phantoms to fit on.")] = 2000,
+    n_heldout: Annotated[
+        int, typer.Option(min=10, help="--demo: other phantoms to set the threshold on.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Seeds the split (--images) or phantoms (--demo).")] = 0,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+) -> None:
+    """Fit the out-of-distribution reference that decides which studies are not scored."""
+    from plugin.bundle_ood import dicom_images, fit_ood, read_images, split_paths
+    from plugin.demo.radiographs import fit_demo_ood
+
+    if (images is None) == (not demo):
+        typer.echo("error: give exactly one of --images DIR and --demo", err=True)
+        raise typer.Exit(2)
+    directory = _writable_bundle(ctx, bundle)
+    skipped: list[Path] = []
+    with exit_on_error():
+        if images is not None:
+            fit_paths, heldout_paths = split_paths(dicom_images(images), heldout_fraction, seed)
+            fitted = fit_ood(
+                directory,
+                read_images(fit_paths, lambda path, _: skipped.append(path)),
+                read_images(heldout_paths, lambda path, _: skipped.append(path)),
+                description=f"{images.name}: DICOM images, held-out fraction {heldout_fraction}",
+                quantile=quantile,
+                threads=threads,
+            )
+        else:
+            fitted = fit_demo_ood(
+                directory,
+                seed=seed,
+                n_fit=n_fit,
+                n_heldout=n_heldout,
+                quantile=quantile,
+                threads=threads,
+            )
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} objects without pixel data")
+    reference = fitted.fit.reference
+    typer.echo(
+        f"{fitted.manifest.ref}: out-of-distribution reference fitted on {reference.n_fit} "
+        f"images; threshold {reference.threshold:.3f} ({reference.method} distance, "
+        f"{quantile:g} quantile of {reference.n_heldout} held-out images, "
+        f"{100 * fitted.fit.heldout_pass_rate:.2f}% of them pass)"
+    )
+
+
 @model_app.command("quantize")
 def model_quantize(
     ctx: typer.Context,
@@ -350,6 +535,14 @@ def model_train_demo(
     version: Annotated[
         str | None, typer.Option(help="Bundle version; default: the UTC date and time.")
     ] = None,
+    n_ood: Annotated[
+        int,
+        typer.Option(
+            min=20,
+            help="Phantoms the out-of-distribution reference is fitted on (as many again "
+            "set its threshold).",
+        ),
+    ] = 2000,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Sentence-embedding cache; default $XDG_CACHE_HOME/pacsclip/..."),
@@ -386,7 +579,7 @@ def model_train_demo(
             cache_dir=cache_dir,
             progress=typer.echo,
         )
-        bundle = write_demo_bundle(out, result, version)
+        bundle = write_demo_bundle(out, result, version, n_ood=(n_ood, n_ood), threads=threads)
         typer.echo(format_metrics(result))
         typer.echo(f"wrote {bundle.ref} to {out}")
         if registry is not None:

@@ -2,8 +2,9 @@
 
 ``train_demo`` writes the weight files and returns the manifest's fields; this module adds
 what a bundle needs on top (format version, a version string, SHA-256 pins, the STAT
-threshold) and writes ``bundle.json`` next to ``train-result.json`` with
-:mod:`plugin.models.bundle_writer`. It needs no torch.
+threshold, the out-of-distribution reference fitted on fresh phantoms) and writes
+``bundle.json`` next to ``train-result.json`` with :mod:`plugin.models.bundle_writer`. It
+needs no torch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from plugin.demo.radiographs import DEMO_OOD_FIT, DEMO_OOD_HELDOUT, fit_demo_ood
 from plugin.models.bundle import (
     FORMAT_VERSION,
     Bundle,
@@ -70,14 +72,25 @@ def demo_manifest(result: Mapping[str, Any], version: str, directory: Path) -> M
     return validate_model(Manifest, data, "the trained demo model's manifest is invalid")
 
 
-def write_demo_bundle(directory: Path, result: Mapping[str, Any], version: str) -> Bundle:
-    """Write ``train-result.json`` and ``bundle.json`` into ``directory``; return it loaded."""
+def write_demo_bundle(
+    directory: Path,
+    result: Mapping[str, Any],
+    version: str,
+    *,
+    n_ood: tuple[int, int] = (DEMO_OOD_FIT, DEMO_OOD_HELDOUT),
+    threads: int | None = None,
+) -> Bundle:
+    """Write ``train-result.json`` and ``bundle.json`` into ``directory``, fit the
+    out-of-distribution reference on ``n_ood`` (fit, held-out) phantoms; return it loaded."""
     directory = Path(directory)
     missing = [path for path in result["files"].values() if not (directory / path).is_file()]
     if missing:
         raise BundleError(f"{directory} lacks the trained files {missing}: train into it first")
     _write_json(directory / TRAIN_RESULT_FILE, result)
-    return write_bundle(directory, demo_manifest(result, version, directory))
+    write_bundle(directory, demo_manifest(result, version, directory))
+    seed = int(result.get("training", {}).get("config", {}).get("seed", 0))
+    fitted = fit_demo_ood(directory, seed=seed, n_fit=n_ood[0], n_heldout=n_ood[1], threads=threads)
+    return Bundle(manifest=fitted.manifest, directory=directory)
 
 
 def read_train_result(directory: Path) -> dict[str, Any] | None:

@@ -750,3 +750,39 @@ def _deduplicate(sentences: list[Sentence]) -> tuple[Sentence, ...]:
         if seen is None or (seen.split == HELDOUT and sentence.split == TRAIN):
             by_text[sentence.text] = sentence
     return tuple(by_text.values())
+
+
+# --------------------------------------------------------------------------- site phrasing
+
+# A site's own reporting style: terse, with local abbreviations and synonyms the demo model
+# never read in training. Ordered: longer phrases are rewritten before the words inside them.
+_ABBREVIATIONS: tuple[tuple[str, str], ...] = (
+    (r"\bthere (is|are) no evidence of\b", "nil"),
+    (r"\bthere (is|are) no\b", "nil"),
+    (r"\bno evidence of\b", "nil"),
+    (r"^no\b", "nil"),
+    (r"\bwithout\b", "nil"),
+    (r"\bthere (is|are)\b", ""),
+    (r"\b(is|are) not (seen|identified|present)\b", "not seen"),
+    (r"\b(is|are) (seen|noted|present|identified|visible|demonstrated)\b", "seen"),
+    (r"\bpleural effusion\b", "pleural collection"),
+    (r"\beffusion\b", "collection"),
+    (r"\bpneumothorax\b", "ptx"),
+    (r"\bconsolidation\b", "airspace opacification"),
+    (r"\bcardiomegaly\b", "big heart"),
+    (r"\bpulmonary nodule\b", "coin lesion"),
+    (r"\bnodule\b", "coin lesion"),
+    (r"\bendotracheal tube\b", "ett"),
+    (r"\bcentral (venous catheter|venous line|line)\b", "cvc"),
+    (r"\bright\b", "rt"),
+    (r"\bleft\b", "lt"),
+    (r"\bbilateral\b", "b/l"),
+    (r"\b(a|an|the)\b", ""),
+)
+
+
+def abbreviate(text: str) -> str:
+    """One sentence rewritten in the terse, abbreviated style of the shifted demo site."""
+    for pattern, replacement in _ABBREVIATIONS:
+        text = re.sub(pattern, replacement, text)
+    return " ".join(text.split())

@@ -236,6 +236,28 @@ SITES: tuple[SiteProfile, ...] = (
 )
 
 
+# A site unlike all six above, kept out of SITES (the demo model never trains on it): a harsh
+# tone curve, heavy noise and a coarse, blurred detector. The fine-tuning benchmark
+# (tests/benchmarks/finetune.py) adapts the demo model to it.
+SHIFTED_SITE = SiteProfile(
+    name="demo-shifted",
+    description="older CR reader with a harsh tone curve, noisy and coarse",
+    photometric_interpretation=MONOCHROME1,
+    bits_stored=10,
+    gamma=2.2,
+    contrast=0.6,
+    brightness=0.0,
+    noise=0.06,
+    blur_sigma=1.4,
+    resolution=0.6,
+    heel_effect=0.05,
+    collimation=(0.0, 0.05),
+    max_rotation_deg=4.0,
+    scale_range=(0.93, 1.06),
+    prevalence=SITES[0].prevalence,
+)
+
+
 def site_by_name(name: str) -> SiteProfile:
     for site in SITES:
         if site.name == name:

@@ -228,6 +228,52 @@ class ModelCard(_Strict):
     not_for_clinical_use: bool
 
 
+class Lineage(_Strict):
+    """Where a derived bundle came from (``pacsclip model finetune``): enough to trace it back to
+    its parent and to the data it was tuned on, without any patient data."""
+
+    parent: str = Field(min_length=3)  # "name@version"
+    parent_manifest_sha256: str
+    method: str = Field(min_length=1)
+    hyperparameters: dict[str, float | int | str | bool]
+    pairs: int = Field(ge=1)  # image-report pairs used, training and held-out together
+    data: str = Field(min_length=1)  # what the pairs were, in words (never a patient's data)
+    created: str = Field(min_length=1)  # ISO date
+    dropped: list[str] = Field(default_factory=list)  # parent parts not carried over, and why
+    evaluation: dict[str, Any] = Field(default_factory=dict)  # held-out summary vs the parent
+
+    @field_validator("parent_manifest_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        if not _SHA256_RE.match(value):
+            raise ValueError(f"must be the 64 hex digits of bundle.json's sha256; got {value!r}")
+        return value
+
+
+class OodFittedOn(_Strict):
+    """What an out-of-distribution reference was fitted on."""
+
+    n: int = Field(ge=2)  # images the mean and covariance came from
+    heldout_n: int = Field(ge=1)  # other images the threshold was set on
+    heldout_pass_rate: Probability  # share of those at or below the threshold
+    description: str = Field(min_length=1)
+    fitted_at: str | None = None  # ISO date
+
+
+class OodSpec(_Strict):
+    """The bundle's out-of-distribution reference (plugin.triage.ood): findings are not
+    asserted on images whose embedding lies beyond ``threshold`` from it."""
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    # What describes an image: its embedding, and a coarse thumbnail of its model input.
+    features: Literal["embedding", "embedding+thumbnail"] = "embedding+thumbnail"
+    thumbnail: int = Field(16, ge=2, le=64)  # side of that thumbnail, in cells
+    file: FileRef
+    threshold: float = Field(gt=0.0)
+    quantile: float = Field(gt=0.0, lt=1.0)  # of the held-out distances, where threshold sits
+    fitted_on: OodFittedOn
+
+
 class Manifest(_Strict):
     """``bundle.json``, format_version 1."""
 
@@ -245,6 +291,10 @@ class Manifest(_Strict):
     heads: list[HeadRef] = Field(default_factory=list)
     # "name-vN" of the head that replaces zero-shot scores for its findings, if any.
     active_head: str | None = None
+    # Optional: a bundle without one is scored on every image (older bundles, imports).
+    ood: OodSpec | None = None
+    # Optional: only bundles derived by fine-tuning have one.
+    lineage: Lineage | None = None
     model_card: ModelCard
 
     @field_validator("format_version")
@@ -408,6 +458,11 @@ class Bundle:
     def projection_path(self) -> Path | None:
         return self._optional(self.manifest.text_encoder.projection)
 
+    @property
+    def ood_reference_path(self) -> Path | None:
+        ood = self.manifest.ood
+        return None if ood is None else self.path_of(ood.file)
+
     def _optional(self, ref: FileRef | None) -> Path | None:
         return None if ref is None else self.path_of(ref)
 
@@ -430,6 +485,8 @@ def pinned_files(manifest: Manifest) -> dict[str, FileRef]:
         refs["text_encoder.projection"] = manifest.text_encoder.projection
     for head in manifest.heads:
         refs[f"heads.{head.name}-v{head.version}"] = head.file
+    if manifest.ood is not None:
+        refs["ood.file"] = manifest.ood.file
     return refs
 
 

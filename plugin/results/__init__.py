@@ -11,6 +11,7 @@ from plugin.results.sr import build_measurement_report
 from plugin.results.study_result import (
     AlgorithmIdentity,
     Decision,
+    DistributionCheck,
     FindingCode,
     FindingResult,
     Priority,
@@ -24,6 +25,7 @@ __all__ = [
     "SYNTHETIC_MODEL",
     "AlgorithmIdentity",
     "Decision",
+    "DistributionCheck",
     "FindingCode",
     "FindingResult",
     "Priority",

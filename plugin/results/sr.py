@@ -11,6 +11,11 @@ Tree (template ids in brackets):
           source image, or the region as a closed SCOORD POLYLINE selected from it
       Qualitative Evaluations: Priority = STAT | ROUTINE, disclaimers and notes (TEXT)
 
+A study out of the model's distribution (plugin.triage.ood) has no finding groups: its one
+measurement group is the distribution check (distance NUM, Model applicability = Out of
+distribution), and its report-level evaluations say Priority = Not scored and, as text,
+"Out of distribution for model X version Y ...".
+
 Pure code: datasets and dataclasses in, a highdicom object out.
 """
 
@@ -29,9 +34,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from plugin.results.source_header import with_type2_present
 from plugin.results.study_result import (
     AlgorithmIdentity,
     Decision,
+    DistributionCheck,
     FindingResult,
     Priority,
     ResultBuildError,
@@ -69,8 +76,22 @@ PRIORITY_CODES: Final[Mapping[Priority, Code]] = MappingProxyType(
     {
         "stat": Code("STAT", LOCAL_SCHEME, "STAT"),
         "routine": Code("ROUTINE", LOCAL_SCHEME, "Routine"),
+        "not_scored": Code("NOT SCORED", LOCAL_SCHEME, "Not scored"),
     }
 )
+
+# The out-of-distribution check, in pacsclip's scheme: no standard code says "this input is
+# unlike the model's training data". The check is a group of its own, never a finding.
+DISTRIBUTION_CHECK: Final = Code("OODCHECK", LOCAL_SCHEME, "Input distribution check")
+DISTRIBUTION_DISTANCE: Final = Code("OODDIST", LOCAL_SCHEME, "Out-of-distribution distance")
+MODEL_APPLICABILITY: Final = Code("APPLICABILITY", LOCAL_SCHEME, "Model applicability")
+APPLICABILITY_CODES: Final[Mapping[bool, Code]] = MappingProxyType(
+    {
+        True: Code("IN DIST", LOCAL_SCHEME, "In distribution"),
+        False: Code("OUT OF DIST", LOCAL_SCHEME, "Out of distribution"),
+    }
+)
+DISTRIBUTION_TRACKING_ID: Final = "out-of-distribution check"
 
 # TID 1500 row 12: report-level Qualitative Evaluations container.
 QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -119,6 +140,10 @@ def build_measurement_report(
     groups = [
         _finding_group(finding, sources, result.algorithm, study_uid) for finding in result.findings
     ]
+    if result.distribution is not None and not result.distribution.scored:
+        groups = [
+            _distribution_group(result.distribution, source_datasets, result.algorithm, study_uid)
+        ]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result.algorithm),
         procedure_reported=_procedures_reported(source_datasets[0]),
@@ -128,7 +153,7 @@ def build_measurement_report(
     report[0].ContentSequence.append(_report_evaluations(result))
     with person_name_warnings_suppressed():
         sr = hd.sr.Comprehensive3DSR(
-            evidence=list(source_datasets),
+            evidence=[with_type2_present(ds) for ds in source_datasets],
             content=report,
             series_instance_uid=series_uid,
             series_number=series_number,
@@ -257,6 +282,44 @@ def _finding_group(
     )
 
 
+def _distribution_group(
+    check: DistributionCheck,
+    sources: Sequence[Dataset],
+    algorithm: AlgorithmIdentity,
+    study_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The group of a study out of distribution: how far it lies, and that the model does not
+    apply to it; no finding type of the model appears."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(study_uid, algorithm, DISTRIBUTION_TRACKING_ID),
+            identifier=DISTRIBUTION_TRACKING_ID,
+        ),
+        finding_type=DISTRIBUTION_CHECK,
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=algorithm.name,
+            version=algorithm.version,
+            parameters=[f"{check.method} distance threshold {check.threshold:.4g}"],
+            manufacturer=algorithm.manufacturer,
+        ),
+        measurements=[
+            hd.sr.Measurement(name=DISTRIBUTION_DISTANCE, value=check.distance, unit=NO_UNITS)
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=MODEL_APPLICABILITY, value=APPLICABILITY_CODES[check.scored]
+            )
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=ds.SOPClassUID,
+                referenced_sop_instance_uid=ds.SOPInstanceUID,
+            )
+            for ds in sources
+        ],
+    )
+
+
 def _image_region(
     name: str, region: tuple[int, int, int, int], source: Dataset
 ) -> hd.sr.ImageRegion:
@@ -301,6 +364,8 @@ def _report_evaluations(result: StudyResult) -> hd.sr.ContainerContentItem:
 
 def _report_notes(result: StudyResult) -> list[str]:
     notes = list(result.algorithm.disclaimers())
+    if result.distribution is not None and result.distribution.images_outside:
+        notes.append(result.distribution.statement(result.algorithm))
     notes.append(f"Algorithm: {result.algorithm.name} {result.algorithm.version}")
     if result.triggered_by:
         notes.append(f"Priority {result.priority.upper()} set by: {', '.join(result.triggered_by)}")

@@ -15,9 +15,10 @@ from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.errors import PacsclipError
 
 Decision = Literal["present", "absent", "indeterminate"]
-Priority = Literal["stat", "routine"]
+# "not_scored": the study's images are out of the model's distribution (no finding asserted).
+Priority = Literal["stat", "routine", "not_scored"]
 DECISIONS: Final[tuple[Decision, ...]] = ("present", "absent", "indeterminate")
-PRIORITIES: Final[tuple[Priority, ...]] = ("stat", "routine")
+PRIORITIES: Final[tuple[Priority, ...]] = ("stat", "routine", "not_scored")
 
 # Every result object carries these lines; the demo model adds the second one.
 # Longest value of the LO value representation (Series Description).
@@ -104,6 +105,42 @@ class FindingResult:
 
 
 @dataclass(frozen=True)
+class DistributionCheck:
+    """Where the study's images lie against the model's out-of-distribution reference.
+
+    `distance` is the study's (the median of its images'); `scored` is False when the study is
+    out of distribution, and then no finding may be reported.
+    """
+
+    method: str
+    distance: float
+    threshold: float
+    images: int
+    images_outside: int
+    scored: bool
+
+    def __post_init__(self) -> None:
+        for label, value in (("distance", self.distance), ("threshold", self.threshold)):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ResultBuildError(f"out-of-distribution {label} must be >= 0, got {value}")
+        if not 0 <= self.images_outside <= self.images or self.images < 1:
+            raise ResultBuildError(
+                f"{self.images_outside} of {self.images} images outside is not a count"
+            )
+
+    def statement(self, algorithm: AlgorithmIdentity) -> str:
+        """The sentence results state, naming the model and version it applies to."""
+        where = "out of distribution" if not self.scored else "partly out of distribution"
+        return (
+            f"{where[0].upper()}{where[1:]} for model {algorithm.name} version "
+            f"{algorithm.version}: {self.images_outside} of {self.images} images beyond the "
+            f"{self.method} distance threshold {self.threshold:.4g} (study distance "
+            f"{self.distance:.4g}); "
+            + ("findings not scored" if not self.scored else "those images not scored")
+        )
+
+
+@dataclass(frozen=True)
 class StudyResult:
     """Everything the builders need about one analysed study (no patient data)."""
 
@@ -112,15 +149,29 @@ class StudyResult:
     triggered_by: Sequence[str]
     algorithm: AlgorithmIdentity
     similar_summary: str | None = None
+    distribution: DistributionCheck | None = None  # None: the model has no reference
 
     def __post_init__(self) -> None:
         # Tuples, so a frozen result cannot change under a builder through a caller's list.
         object.__setattr__(self, "findings", tuple(self.findings))
         object.__setattr__(self, "triggered_by", tuple(self.triggered_by))
-        if not self.findings:
-            raise ResultBuildError("a study result needs at least one finding")
         if self.priority not in PRIORITIES:
             raise ResultBuildError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
+        if not self.scored:
+            if self.findings or self.triggered_by or self.priority != "not_scored":
+                raise ResultBuildError(
+                    "a study out of distribution has no findings, no triggers and priority "
+                    "'not_scored'"
+                )
+            return
+        if not self.findings:
+            raise ResultBuildError("a study result needs at least one finding")
+        if self.priority == "not_scored":
+            raise ResultBuildError("priority 'not_scored' is only for a study out of distribution")
         names = [finding.name for finding in self.findings]
         if len(set(names)) != len(names):
             raise ResultBuildError(f"finding names must be unique, got {names}")
+
+    @property
+    def scored(self) -> bool:
+        return self.distribution is None or self.distribution.scored

@@ -1,4 +1,5 @@
-"""Triage math of the CLIP runtime: zero-shot, calibration, few-shot heads, priority, saliency.
+"""Triage math of the CLIP runtime: zero-shot, calibration, few-shot heads, priority, saliency,
+and the out-of-distribution guard (``plugin.triage.ood``).
 
 Pure numpy (and scipy): embeddings, probabilities and callables in; arrays and dataclasses out.
 Only the heads' save/load touch the file system, and only the .npz path they are given.
@@ -12,7 +13,7 @@ from plugin.triage.calibration import (
     fit_calibration,
 )
 from plugin.triage.heads import HEAD_FORMAT_VERSION, HeadLoadError, LinearProbe, TipAdapter
-from plugin.triage.priority import ROUTINE, STAT, Priority, PriorityPolicy
+from plugin.triage.priority import NOT_SCORED, ROUTINE, STAT, Priority, PriorityPolicy, WorklistFlag
 from plugin.triage.saliency import (
     Region,
     occlusion_map,
@@ -33,6 +34,7 @@ from plugin.triage.zeroshot import (
 
 __all__ = [
     "HEAD_FORMAT_VERSION",
+    "NOT_SCORED",
     "ROUTINE",
     "STAT",
     "Calibration",
@@ -45,6 +47,7 @@ __all__ = [
     "PriorityPolicy",
     "Region",
     "TipAdapter",
+    "WorklistFlag",
     "decide",
     "ensemble_embedding",
     "fit_calibration",

@@ -12,6 +12,10 @@ from plugin.errors import ConfigError
 Priority = Literal["stat", "routine"]
 STAT: Final = "stat"
 ROUTINE: Final = "routine"
+# The worklist flag of a study whose images are out of the model's distribution: no finding
+# is asserted, so it is neither STAT nor routine (plugin.triage.ood).
+NOT_SCORED: Final = "not_scored"
+WorklistFlag = Literal["stat", "routine", "not_scored"]
 
 
 @dataclass(frozen=True)

@@ -165,14 +165,21 @@ class Pipeline:
 
     def wait_for_state(self, study_uid: str, state: str, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
+        seen: str | None = None
         while time.monotonic() < deadline:
             with self.node.sessions() as session:
                 study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-                if study is not None and study.state == state:
+                seen = None if study is None else study.state
+                if seen == state:
                     return
             assert self.worker.poll() is None, f"the worker died; log:\n{self.log.read_text()}"
             time.sleep(0.2)
-        raise TimeoutError(f"study {study_uid} did not reach {state} in {timeout_s} s")
+        # What the node and the worker were doing, so a failure on CI can be diagnosed.
+        raise TimeoutError(
+            f"study {study_uid} did not reach {state} in {timeout_s} s (it is {seen}; the node "
+            f"tracks {self.node.tracker.tracking()}); worker log tail:\n"
+            f"{self.log.read_text()[-4000:]}"
+        )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -191,13 +198,18 @@ def pipeline(
 ) -> Iterator[Callable[..., Pipeline]]:
     started: list[Pipeline] = []
 
-    def start(*, slow_analysis_s: float = 0.0, **overrides: Any) -> Pipeline:
-        settings = make_settings(model_bundle=bundle_dir, **overrides)
+    def start(
+        *, slow_analysis_s: float = 0.0, bundle: Path | None = None, **overrides: Any
+    ) -> Pipeline:
+        """``bundle``: the worker's model (default: the tiny test bundle, which has no
+        out-of-distribution reference and so scores every image)."""
+        model = bundle or bundle_dir
+        settings = make_settings(model_bundle=model, **overrides)
         catalog = open_catalog(settings.effective_database_url)
         node = DicomNode(
             settings, catalog, publisher=CeleryPublisher(make_celery(settings), catalog.sessions)
         )
-        run = Pipeline(settings, node, bundle_dir, tmp_path / "worker.log")
+        run = Pipeline(settings, node, model, tmp_path / "worker.log")
         if slow_analysis_s > 0:
             run.restart_worker(slow_analysis_s)
         node.start()

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from plugin.catalog import repository
 from plugin.catalog.models import ImageEmbedding
+from plugin.models.registry import DEMO_BUNDLE_DIR
 from plugin.results import AlgorithmIdentity, ResultUids
 from tests.integration.conftest import Pipeline
 from tests.peers.data import ct_small_copies
@@ -51,6 +52,45 @@ def test_study_is_analysed_and_results_reach_the_destination(
     assert result["dispatch"] == [{"destination": "pacs", "state": "delivered", "attempts": 1}]
     assert {o["kind"] for o in result["objects"]} == {"SR", "SC"}
     assert embeddings == 1  # the analysed image's embedding is kept for retrieval
+
+
+def test_a_real_ct_is_not_scored_by_the_synthetic_demo_model(
+    pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    with storescp(port, out, aet="PACS"):
+        run = pipeline(
+            bundle=DEMO_BUNDLE_DIR,
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        )
+        [source] = ct_small_copies(1, tmp_path / "src")
+        study_uid = str(dcmread(source).StudyInstanceUID)
+
+        assert storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+        run.wait_for_state(study_uid, "delivered")
+
+    # An SR that says why nothing was scored; no overlay, since there is no finding to show.
+    [sr] = [dcmread(p) for p in out.iterdir()]
+    assert sr.Modality == "SR"
+    evaluations = sr.ContentSequence[-1].ContentSequence
+    texts = [str(item.TextValue) for item in evaluations if "TextValue" in item]
+    assert any(t.startswith("Out of distribution for model pacsclip-demo version") for t in texts)
+    with run.node.sessions() as session:
+        [result] = repository.results_for(session, study_uid)
+        [study] = repository.list_studies(session)
+        embeddings = session.scalar(select(func.count(ImageEmbedding.id)))
+    assert (result["priority"], result["findings"], result["triggered_by"]) == (
+        "not_scored",
+        [],
+        [],
+    )
+    assert result["ood"]["status"] == "out_of_distribution"
+    assert result["ood"]["distance"] > result["ood"]["threshold"]
+    assert result["ood"]["model"]["name"] == "pacsclip-demo"
+    assert study["priority"] == "not_scored"  # the worklist flag
+    assert embeddings == 1  # stored and indexed for retrieval all the same
 
 
 def test_unreachable_destination_is_retried_then_dead_lettered_and_replayable(

@@ -16,9 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
 from plugin.adaptation import TrainConfig
@@ -28,6 +25,8 @@ from plugin.api import create_app
 from plugin.catalog.db import open_catalog
 from plugin.catalog.models import ImageEmbedding, Site, Study
 from plugin.cli.main import app
+from plugin.demo.radiographs import demo_radiographs
+from plugin.demo.train import STREAM_EVAL
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics
 from plugin.models.bundle import Bundle
@@ -260,22 +259,6 @@ def test_study_level_labels_apply_to_each_image(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- runtime
 
 
-def _radiograph() -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = 64, 64
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    yy = np.mgrid[0:64, 0:64][0] / 64.0
-    ds.PixelData = (yy * 4095).astype(np.uint16).tobytes()
-    return ds
-
-
 def test_runtime_uses_the_promoted_head_for_its_site_only(world: World) -> None:
     site, version = SITES[2], 7
     sources = np.concatenate([world.vectors[SITES[0]], world.vectors[SITES[1]]])
@@ -299,8 +282,10 @@ def test_runtime_uses_the_promoted_head_for_its_site_only(world: World) -> None:
     others = [j for j in range(len(model.finding_names)) if j != column]
     np.testing.assert_array_equal(at_site[:, others], elsewhere[:, others])
 
-    study = [_radiograph()]
+    # A phantom of the demo generator: the demo model scores it (a real image it would not).
+    study = list(demo_radiographs(1, seed=0, stream=STREAM_EVAL, size=128))
     report = model.triage(study, saliency=False, site=site)
+    assert report.scored
     assert report.site_head == f"site-head-v{version}"
     assert report.as_dict()["algorithm"]["site_head"] == f"site-head-v{version}"
     assert model.triage(study, saliency=False, site=SITES[0]).site_head is None

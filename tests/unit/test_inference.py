@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -269,18 +270,26 @@ def test_labels_csv_errors_say_what_to_fix(labelled: tuple[Path, Path]) -> None:
         fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
 
 
-def test_the_built_in_demo_model_triages_a_real_radiograph_out_of_the_box(
-    tmp_path: Path,
-) -> None:
+def test_the_built_in_demo_model_does_not_score_a_real_radiograph(tmp_path: Path) -> None:
     from tests.peers.data import rg1
 
-    result = CliRunner().invoke(
-        app, ["--data-dir", str(tmp_path), "triage", str(rg1("uncompressed")), "--json"]
-    )
+    def triage(*options: str) -> dict[str, Any]:
+        result = CliRunner().invoke(
+            app,
+            ["--data-dir", str(tmp_path), "triage", str(rg1("uncompressed")), "--json", *options],
+        )
+        assert result.exit_code == 0, result.output
+        report: dict[str, Any] = json.loads(result.output[result.output.index("{") :])
+        assert report["algorithm"]["name"] == "pacsclip-demo"
+        assert report["algorithm"]["synthetic"] is True
+        assert report["notices"] == [AI_NOTICE, SYNTHETIC_NOTICE]
+        return report
 
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{") :])
-    assert report["algorithm"]["name"] == "pacsclip-demo"
-    assert report["algorithm"]["synthetic"] is True
-    assert report["notices"] == [AI_NOTICE, SYNTHETIC_NOTICE]
-    assert {f["name"] for f in report["findings"]} >= {"pleural_effusion", "pneumothorax"}
+    # The synthetic demo model has never seen a real radiograph: it asserts nothing on one.
+    report = triage("--no-saliency")
+    assert report["ood"]["status"] == "out_of_distribution"
+    assert (report["findings"], report["priority"], report["saliency"]) == ([], "not_scored", [])
+
+    unguarded = triage("--no-saliency", "--no-ood-guard")
+    assert unguarded["ood"] is None
+    assert {f["name"] for f in unguarded["findings"]} >= {"pleural_effusion", "pneumothorax"}

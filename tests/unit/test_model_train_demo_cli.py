@@ -54,7 +54,7 @@ def test_a_tiny_run_writes_a_bundle_that_installs_activates_and_triages(tmp_path
         data,
         *("--out", str(out), "--seed", "3", "--epochs", "1", "--n-train", "256"),
         *("--n-eval", "48", "--threads", "1", "--version", "2026.11.23-test"),
-        *("--cache-dir", str(tmp_path / "cache"), "--activate"),
+        *("--cache-dir", str(tmp_path / "cache"), "--n-ood", "100", "--activate"),
     )
 
     assert code == 0, output
@@ -67,6 +67,7 @@ def test_a_tiny_run_writes_a_bundle_that_installs_activates_and_triages(tmp_path
             "bundle.json",
             TRAIN_RESULT_FILE,
             "image_tower.onnx",
+            "ood_reference.npz",
             "prompt_embeddings.npz",
             "text_projection.npz",
         ]
@@ -80,6 +81,9 @@ def test_a_tiny_run_writes_a_bundle_that_installs_activates_and_triages(tmp_path
     assert manifest.text_encoder.projection is not None
     assert [f.name for f in manifest.findings] == list(FINDINGS)
     assert {f.name: f.stat_threshold for f in manifest.findings}["pneumothorax"] == 0.8
+    assert manifest.ood is not None  # fitted on fresh phantoms, seeded like the training
+    assert (manifest.ood.fitted_on.n, manifest.ood.fitted_on.heldout_n) == (100, 100)
+    assert "seed 3" in manifest.ood.fitted_on.description
     result = read_train_result(out)
     assert result is not None
     assert result["training"]["config"]["seed"] == 3
@@ -96,6 +100,7 @@ def test_a_tiny_run_writes_a_bundle_that_installs_activates_and_triages(tmp_path
         "2026.11.23-test",
     )
     assert SYNTHETIC_NOTICE in report.notices
+    assert report.distribution is not None and report.scored  # a phantom is in distribution
     assert [f.name for f in report.findings] == list(FINDINGS)
     assert all(0.0 <= f.probability <= 1.0 for f in report.findings)
     assert report.embeddings.shape == (1, manifest.embedding_dim)
@@ -109,7 +114,11 @@ def test_the_built_in_bundle_json_is_what_train_demo_writes_for_its_result() -> 
 
     manifest = demo_manifest(result, built_in["version"], DEMO_BUNDLE_DIR)
 
-    assert manifest.model_dump(mode="json") == built_in
+    # The out-of-distribution reference is fitted after packaging (fit_demo_ood).
+    assert manifest.model_dump(mode="json", exclude={"ood"}) == {
+        key: value for key, value in built_in.items() if key != "ood"
+    }
+    assert built_in["ood"]["file"]["path"] == "ood_reference.npz"
 
 
 @pytest.mark.parametrize(

@@ -97,3 +97,36 @@ def test_an_element_longer_than_the_data_is_unparsable() -> None:
         )
 
     assert raised.value.problem is Problem.UNPARSABLE
+
+
+# Found by the receive-path fuzzer (tests/fuzz): both were answered Success before, and the
+# spooled files could not be read back.
+
+
+def _whole(data: bytes, syntax: str = ExplicitVRLittleEndian) -> object:
+    from pydicom.uid import UID
+
+    from dicom_node.object_checks import read_whole
+
+    return read_whole(BytesIO(data), UID(syntax))
+
+
+def test_a_bogus_vr_after_the_header_is_unparsable(ct: Dataset) -> None:
+    data = encoded(ct).getvalue()
+    at = data.index(b"\x28\x00\x11\x00US")  # Columns, past the tags the header check reads
+    broken = data[: at + 4] + b"ZZ" + data[at + 6 :]
+
+    with pytest.raises(NotImplementedError, match="ZZ"):
+        _whole(broken)
+    _whole(data)  # the unbroken bytes read
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "BitsAllocated"])
+def test_pixel_data_shorter_than_the_image_attributes_say_is_refused(
+    ct: Dataset, keyword: str
+) -> None:
+    ct[keyword].value = 4096 if keyword == "Rows" else 32
+
+    with pytest.raises(InvalidObject, match="pixel data does not fit") as raised:
+        _whole(encoded(ct).getvalue())
+    assert raised.value.problem is Problem.UNPARSABLE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 import io
 import shutil
@@ -40,6 +41,7 @@ from plugin.results.overlay import (
     patient_orientation,
 )
 from tests.peers.data import rg1
+from tests.unit.test_results_sr import PATIENT_AND_STUDY_TYPE2
 
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9)
 DEMO = AlgorithmIdentity("pacsclip-demo", "0.1.0", synthetic=True)
@@ -323,3 +325,20 @@ def test_orientation_written_as_the_source_says(
     sc = _round_trip(_build(odd))
 
     assert sc.PatientOrientation == expected
+
+
+def test_a_source_without_its_type2_patient_and_study_attributes_still_gets_an_overlay(
+    case: Case,
+) -> None:
+    # Some devices leave these out; highdicom reads them from the source unconditionally.
+    bare = copy.deepcopy(case.source)
+    for keyword in PATIENT_AND_STUDY_TYPE2:
+        if keyword in bare:
+            delattr(bare, keyword)
+    bare_case = Case(bare)
+
+    sc = _round_trip(_build(bare_case))
+
+    assert sc.StudyInstanceUID == case.source.StudyInstanceUID
+    assert sc.PatientID == "" and sc.StudyDate == ""
+    assert "PatientID" not in bare

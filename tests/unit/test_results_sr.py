@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import io
@@ -23,6 +24,7 @@ from plugin.results import (
     NOT_FOR_DIAGNOSIS,
     SYNTHETIC_MODEL,
     AlgorithmIdentity,
+    DistributionCheck,
     FindingCode,
     FindingResult,
     ResultBuildError,
@@ -445,3 +447,112 @@ def test_patient_names_stay_out_of_warnings_and_logs(caplog: pytest.LogCaptureFi
 
     assert not [w for w in caught if "Unmistakable" in str(w.message)]
     assert "Unmistakable" not in caplog.text
+
+
+# --------------------------------------------------------------------------- out of distribution
+
+
+def _not_scored(source: Dataset) -> StudyResult:
+    check = DistributionCheck(
+        method="mahalanobis",
+        distance=31.5,
+        threshold=14.25,
+        images=1,
+        images_outside=1,
+        scored=False,
+    )
+    return StudyResult(
+        findings=[], priority="not_scored", triggered_by=[], algorithm=DEMO, distribution=check
+    )
+
+
+def _texts(sr: hd.sr.Comprehensive3DSR) -> list[str]:
+    """Every TEXT value of the report-level Qualitative Evaluations."""
+    (container,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"
+    ]
+    return [str(item.TextValue) for item in container.ContentSequence if "TextValue" in item]
+
+
+def test_a_study_out_of_distribution_is_reported_as_not_scored(source: Dataset) -> None:
+    sr = _round_trip(_build(source, _not_scored(source)))
+
+    texts = _texts(sr)
+    [statement] = [t for t in texts if t.startswith("Out of distribution")]
+    assert statement.startswith("Out of distribution for model pacsclip-demo version 0.1.0:")
+    assert "findings not scored" in statement
+    assert SYNTHETIC_MODEL in texts and NOT_FOR_DIAGNOSIS in texts
+    # No finding group and no probability: the one group is the distribution check.
+    [group] = _groups(sr).values()
+    assert str(group.tracking_identifier) == "out-of-distribution check"
+    assert group.finding_type.meaning == "Input distribution check"
+    [evaluation] = group.get_qualitative_evaluations()
+    assert (evaluation.name.meaning, evaluation.value.meaning) == (
+        "Model applicability",
+        "Out of distribution",
+    )
+    [distance] = group.get_measurements()
+    assert distance.value == pytest.approx(31.5)
+    assert not group.get_measurements(name=PROBABILITY)
+    priorities = [
+        item.ConceptCodeSequence[0].CodeMeaning
+        for item in sr.ContentSequence[-1].ContentSequence
+        if "ConceptCodeSequence" in item
+    ]
+    assert priorities == ["Not scored"]
+
+
+def test_the_not_scored_sr_passes_dciodvfy(tmp_path: Path) -> None:
+    source = _ct_small()
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(_to_bytes(_build(source, _not_scored(source))))
+
+    output = _run_tool("dciodvfy", path)
+
+    assert "Comprehensive3DSR" in output
+    assert [line for line in output.splitlines() if line.startswith("Error")] == []
+
+
+def test_a_not_scored_result_cannot_carry_findings_or_a_flag() -> None:
+    source = _ct_small()
+    check = _not_scored(source).distribution
+    with pytest.raises(ResultBuildError, match="no findings, no triggers and priority"):
+        _result(source, distribution=check)
+    with pytest.raises(ResultBuildError, match="only for a study out of distribution"):
+        _result(source, priority="not_scored", triggered_by=[])
+
+
+def test_images_partly_out_of_distribution_are_noted(source: Dataset) -> None:
+    check = DistributionCheck("mahalanobis", 9.0, 14.25, images=3, images_outside=1, scored=True)
+
+    sr = _round_trip(_build(source, _result(source, distribution=check)))
+
+    assert any(
+        t.startswith("Partly out of distribution for model pacsclip-demo version 0.1.0: 1 of 3")
+        for t in _texts(sr)
+    )
+    assert "pneumothorax" in _groups(sr)  # the findings of the images inside are reported
+
+
+PATIENT_AND_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "StudyID", "AccessionNumber", "ReferringPhysicianName",
+)  # fmt: skip
+
+
+def test_a_source_without_its_type2_patient_and_study_attributes_still_gets_an_sr(
+    source: Dataset,
+) -> None:
+    # Some devices leave these out; highdicom reads them from the source unconditionally.
+    bare = copy.deepcopy(source)
+    for keyword in PATIENT_AND_STUDY_TYPE2:
+        if keyword in bare:
+            delattr(bare, keyword)
+
+    sr = _round_trip(_build(bare, _result(bare)))
+
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert all(sr[keyword].value in ("", None) for keyword in PATIENT_AND_STUDY_TYPE2)
+    assert "PatientID" not in bare  # the source itself is left as it was

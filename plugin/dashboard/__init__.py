@@ -1,0 +1,153 @@
+"""The web dashboard: worklist, study pages and operations, server-rendered (Jinja2) beside the
+JSON API, with a few lines of plain JavaScript for live updates. No build step.
+
+``mount_dashboard`` adds its routes to the API's FastAPI app from explicit inputs; everything
+it needs reaches the routes through ``app.state.dashboard``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import jinja2
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydicom import Dataset
+from sqlalchemy.orm import Session, sessionmaker
+
+from plugin.dashboard.images import PngCache
+from plugin.dashboard.metrics_history import MetricsHistory
+from plugin.dashboard.session import DashboardAuth, LoginRequired, login_location
+from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
+from plugin.metrics import PacsclipMetrics
+from plugin.retrieval.service import RetrievalService
+from plugin.settings import Settings
+
+PACKAGE: Final = Path(__file__).parent
+# Routing decision for one file: (header-only dataset, calling AE title) -> decision as a dict.
+RuleTester = Callable[[Dataset, str], dict[str, object]]
+# Puts a replayed dispatch job on the dispatch queue.
+DispatchEnqueuer = Callable[[int], None]
+
+# Defence in depth behind Jinja2's autoescaping: no inline or foreign script can run.
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    auth: DashboardAuth
+    templates: Jinja2Templates
+    images: PngCache
+    history: MetricsHistory
+    retrieval: RetrievalService | None
+    rule_tester: RuleTester | None
+    enqueue_dispatch: DispatchEnqueuer | None
+
+
+def dashboard(request: Request) -> Dashboard:
+    board: Dashboard = request.app.state.dashboard
+    return board
+
+
+def make_templates() -> Jinja2Templates:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(PACKAGE / "templates"),
+        autoescape=True,  # everything from DICOM and the catalog is text, never markup
+        undefined=jinja2.StrictUndefined,
+    )
+    env.globals.update(NOT_FOR_DIAGNOSIS=NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL=SYNTHETIC_MODEL)
+    env.filters["age"] = age
+    env.filters["flag"] = flag
+    return Jinja2Templates(env=env)
+
+
+def flag(priority: str | None) -> str:
+    """A worklist flag as shown: STAT stands out; "not_scored" reads as words."""
+    if priority is None:
+        return "-"
+    return "STAT" if priority == "stat" else priority.replace("_", " ")
+
+
+def age(moment: datetime, now: datetime) -> str:
+    """How long ago, the way a worklist says it: 45 s, 12 min, 3 h, 2 d."""
+    seconds = max(0, int((now - moment).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
+def mount_dashboard(
+    app: FastAPI,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    metrics: PacsclipMetrics,
+    *,
+    retrieval: RetrievalService | None = None,
+    rule_tester: RuleTester | None = None,
+    enqueue_dispatch: DispatchEnqueuer | None = None,
+) -> None:
+    from plugin.dashboard import operations, pages
+
+    history = MetricsHistory(metrics.registry)
+    app.state.dashboard = Dashboard(
+        settings=settings,
+        sessions=sessions,
+        auth=DashboardAuth(settings.api_token),
+        templates=make_templates(),
+        images=PngCache(Path(settings.data_dir) / "dashboard-cache"),
+        history=history,
+        retrieval=retrieval,
+        rule_tester=rule_tester,
+        enqueue_dispatch=enqueue_dispatch,
+    )
+    app.include_router(pages.router())
+    app.include_router(operations.router())
+    app.mount("/static", StaticFiles(directory=PACKAGE / "static"), name="static")
+    app.add_exception_handler(LoginRequired, _to_login)
+    app.middleware("http")(_security_headers)
+    _sample_while_serving(app, history)
+
+
+async def _to_login(request: Request, exc: Exception) -> Response:
+    next_path = exc.next_path if isinstance(exc, LoginRequired) else "/"
+    return RedirectResponse(login_location(next_path), status_code=303)
+
+
+async def _security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+    response: Response = await call_next(request)
+    path = request.url.path
+    # The JSON API, /metrics and FastAPI's own /docs (which loads its UI from a CDN) keep theirs.
+    if not path.startswith(("/api/", "/metrics", "/docs", "/redoc", "/openapi.json")):
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
+def _sample_while_serving(app: FastAPI, history: MetricsHistory) -> None:
+    """Sample the metrics in the background for as long as the server runs."""
+    previous = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(running: Any) -> AsyncIterator[Any]:
+        history.start()
+        try:
+            async with previous(running) as state:
+                yield state
+        finally:
+            history.stop()
+
+    app.router.lifespan_context = lifespan

@@ -1,0 +1,395 @@
+"""The radiologist's pages: login, the worklist (with its live-updated rows) and a study.
+
+Studies are addressed by Study Instance UID only; no patient identifier is ever put in a URL
+or a log line (filters are state, priority, site and the revisit flag).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response, status
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from plugin.catalog import repository
+from plugin.catalog.worklist import (
+    Cursor,
+    Order,
+    StoredImage,
+    WorklistQuery,
+    first_instances,
+    site_keys,
+    stored_image,
+    study_deliveries,
+    worklist_page,
+)
+from plugin.dashboard import Dashboard, dashboard
+from plugin.dashboard.images import SIZES, ImageUnavailable
+from plugin.dashboard.session import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
+    Viewer,
+    safe_next,
+)
+from plugin.dashboard.sr_tree import content_tree
+from plugin.errors import PacsclipError
+from plugin.study_state import StudyState
+
+logger = logging.getLogger(__name__)
+
+Board = Annotated[Dashboard, Depends(dashboard)]
+PAGE_SIZE: Final = 50
+# A study's worklist flag: its priority, or "not_scored" when its images were out of the
+# model's distribution (no finding asserted).
+WORKLIST_FLAGS: Final = ("stat", "routine", "not_scored")
+SIMILAR_K: Final = 8
+
+
+def page_viewer(request: Request, board: Board) -> Viewer:
+    return board.auth.page_viewer(request)
+
+
+async def post_viewer(request: Request, board: Board) -> Viewer:
+    return await board.auth.post_viewer(request)
+
+
+PageViewer = Annotated[Viewer, Depends(page_viewer)]
+PostViewer = Annotated[Viewer, Depends(post_viewer)]
+
+
+def render(
+    board: Dashboard,
+    request: Request,
+    template: str,
+    viewer: Viewer | None,
+    status_code: int = 200,
+    **values: Any,
+) -> HTMLResponse:
+    return board.templates.TemplateResponse(
+        request,
+        template,
+        {
+            "csrf": viewer.csrf if viewer and viewer.csrf else "",
+            "model": _active_model(board),
+            **values,
+        },
+        status_code=status_code,
+    )
+
+
+def _active_model(board: Dashboard) -> dict[str, Any] | None:
+    """The model the workers run now (name, version, synthetic), shown in every page's header."""
+    if board.retrieval is None:
+        return None
+    try:
+        return board.retrieval.model
+    except (PacsclipError, OSError, ValueError) as exc:  # no bundle: the page still renders
+        logger.warning("dashboard: active model unknown (%s)", type(exc).__name__)
+        return None
+
+
+# --- login ---------------------------------------------------------------------------------
+
+
+def login_form(request: Request, board: Board, next: str = "/") -> HTMLResponse:
+    login_csrf = secrets.token_urlsafe(32)
+    response = render(
+        board,
+        request,
+        "login.html",
+        None,
+        next=safe_next(next),
+        login_csrf=login_csrf,
+        error=None,
+        configured=board.auth.configured,
+    )
+    _set_cookie(request, response, LOGIN_CSRF_COOKIE, login_csrf, max_age=3600)
+    return response
+
+
+def login(
+    request: Request,
+    board: Board,
+    token: Annotated[str, Form()],
+    csrf_token: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/",
+) -> Response:
+    # Login CSRF: the form's token must match the cookie set with the form (double submit).
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not expected or not secrets.compare_digest(csrf_token.encode(), expected.encode()):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="the login form expired or was not sent by this site: reload it and retry",
+        )
+    if not board.auth.token_matches(token):
+        logger.warning("dashboard login refused: wrong token")
+        return render(
+            board,
+            request,
+            "login.html",
+            None,
+            status.HTTP_401_UNAUTHORIZED,
+            next=safe_next(next),
+            login_csrf=expected,
+            configured=board.auth.configured,
+            error="That token is not the one this pacsclip is configured with.",
+        )
+    cookie, _ = board.auth.new_session()
+    redirect = RedirectResponse(safe_next(next), status_code=status.HTTP_303_SEE_OTHER)
+    _set_cookie(request, redirect, SESSION_COOKIE, cookie, max_age=SESSION_MAX_AGE_S)
+    redirect.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    logger.info("dashboard login")
+    return redirect
+
+
+def logout(viewer: PostViewer) -> Response:
+    response = RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+
+
+# --- worklist ------------------------------------------------------------------------------
+
+
+def worklist_query(
+    state: str | None = None,
+    priority: str | None = None,
+    site: str | None = None,
+    revisit: str | None = None,
+    order: Order = "newest",
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = PAGE_SIZE,
+) -> WorklistQuery:
+    states = [s.value for s in StudyState]
+    if state and state not in states:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"state must be one of {', '.join(states)}; got {state!r}",
+        )
+    if priority and priority not in WORKLIST_FLAGS:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"priority must be one of {', '.join(WORKLIST_FLAGS)}; got {priority!r}",
+        )
+    if revisit not in (None, "", "yes", "no"):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"revisit must be yes or no; got {revisit!r}",
+        )
+    try:
+        cursor = Cursor.parse(after) if after else None
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    return WorklistQuery(
+        state=state or None,
+        priority=priority or None,
+        site=site or None,
+        revisit_flagged={"yes": True, "no": False}.get(revisit or ""),
+        order=order,
+        after=cursor,
+        limit=limit,
+    )
+
+
+Worklist = Annotated[WorklistQuery, Depends(worklist_query)]
+
+
+def worklist(request: Request, board: Board, viewer: PageViewer, query: Worklist) -> HTMLResponse:
+    with board.sessions() as session:
+        page = worklist_page(session, query)
+        sites = site_keys(session)
+    return render(
+        board,
+        request,
+        "worklist.html",
+        viewer,
+        page=page,
+        query=query,
+        sites=sites,
+        states=[s.value for s in StudyState],
+        flags=WORKLIST_FLAGS,
+        now=datetime.now(UTC),
+        next_url=_next_url(request, page.next_cursor),
+    )
+
+
+def worklist_rows(
+    request: Request, board: Board, viewer: PageViewer, query: Worklist
+) -> HTMLResponse:
+    """The rows alone, which the worklist polls to update itself live."""
+    with board.sessions() as session:
+        page = worklist_page(session, query)
+    return render(board, request, "worklist_rows.html", viewer, page=page, now=datetime.now(UTC))
+
+
+def _next_url(request: Request, cursor: Cursor | None) -> str | None:
+    if cursor is None:
+        return None
+    url = request.url.include_query_params(after=cursor.token())
+    return f"{url.path}?{url.query}"
+
+
+# --- study ---------------------------------------------------------------------------------
+
+
+def study_page(study_uid: str, request: Request, board: Board, viewer: PageViewer) -> HTMLResponse:
+    with board.sessions() as session:
+        detail = repository.study_detail(session, study_uid)
+        if detail is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND, detail=f"no study with Study Instance UID {study_uid}"
+            )
+        results = repository.results_for(session, study_uid)
+        deliveries = study_deliveries(session, study_uid)
+    header = _patient_header(board, detail)
+    similar, similar_note = _similar(board, study_uid)
+    with board.sessions() as session:
+        thumbnails = first_instances(
+            session,
+            [m["study_instance_uid"] for m in similar if not m.get("best_image")],
+        )
+    newest = results[0] if results else None
+    return render(
+        board,
+        request,
+        "study.html",
+        viewer,
+        study=detail,
+        header=header,
+        newest=newest,
+        results=results,
+        sr=_sr_tree(board, study_uid, newest),
+        similar=similar,
+        similar_note=similar_note,
+        thumbnails=thumbnails,
+        deliveries=deliveries,
+        source_image=_source_image(detail, newest),
+    )
+
+
+def _patient_header(board: Dashboard, detail: dict[str, Any]) -> dict[str, str]:
+    """Patient name and description from the first instance's header (never logged)."""
+    first = next((i for s in detail["series"] for i in s["instances"]), None)
+    if first is None:
+        return {}
+    path = Path(board.settings.spool_dir) / first["path"]
+    try:
+        ds = dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["PatientName", "PatientID", "StudyDescription", "StudyDate"],
+        )
+    except (OSError, InvalidDicomError) as exc:
+        logger.warning("dashboard: study header unreadable (%s)", type(exc).__name__)
+        return {}
+    return {
+        "patient_name": str(ds.get("PatientName", "")),
+        "patient_id": str(ds.get("PatientID", "")),
+        "study_description": str(ds.get("StudyDescription", "")),
+        "study_date": str(ds.get("StudyDate", "")),
+    }
+
+
+def _similar(board: Dashboard, study_uid: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Similar studies, the patient's priors first."""
+    if board.retrieval is None:
+        return [], "similar-case retrieval is not enabled"
+    try:
+        answer = board.retrieval.similar(study_uid, SIMILAR_K)
+    except (PacsclipError, ValueError, OSError) as exc:  # RetrievalError among them
+        return [], f"similar cases unavailable: {exc}"
+    priors = [{**m, "prior": True} for m in answer.get("priors", [])]
+    others = [{**m, "prior": False} for m in answer.get("similar", [])]
+    return priors + others, answer.get("note")
+
+
+def _sr_tree(board: Dashboard, study_uid: str, newest: dict[str, Any] | None) -> Any:
+    if newest is None:
+        return None
+    sr = next((o for o in newest["objects"] if o["kind"] == "SR"), None)
+    if sr is None:
+        return None
+    with board.sessions() as session:
+        where = stored_image(session, study_uid, sr["sop_instance_uid"])
+    if where is None:
+        return None
+    try:
+        return content_tree(dcmread(_file(board, where)))
+    except (OSError, InvalidDicomError) as exc:
+        logger.warning("dashboard: SR unreadable (%s)", type(exc).__name__)
+        return None
+
+
+def _source_image(detail: dict[str, Any], newest: dict[str, Any] | None) -> str | None:
+    """The image the newest analysis found most (else the study's first instance)."""
+    if newest:
+        scored = sorted(
+            (f for f in newest["findings"] if f.get("source_sop_instance_uid")),
+            key=lambda f: -float(f.get("probability", 0.0)),
+        )
+        if scored:
+            return str(scored[0]["source_sop_instance_uid"])
+    first = next((i for s in detail["series"] for i in s["instances"]), None)
+    return None if first is None else str(first["sop_instance_uid"])
+
+
+def _file(board: Dashboard, where: StoredImage) -> Path:
+    root = board.settings.spool_dir if where.root == "spool" else board.settings.results_dir
+    return Path(root) / where.path
+
+
+def study_image(
+    study_uid: str, sop_instance_uid: str, board: Board, viewer: PageViewer, size: int = 512
+) -> Response:
+    if size not in SIZES:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=f"size must be one of {', '.join(map(str, SIZES))}",
+        )
+    with board.sessions() as session:
+        where = stored_image(session, study_uid, sop_instance_uid)
+    if where is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, detail=f"no image {sop_instance_uid} in study {study_uid}"
+        )
+    try:
+        png = board.images.png(_file(board, where), sop_instance_uid, size)
+    except FileNotFoundError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="the stored file is gone") from exc
+    except ImageUnavailable as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+    # Private: a shared cache must never keep patient images.
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def router() -> APIRouter:
+    routes = APIRouter(include_in_schema=False)
+    routes.add_api_route("/login", login_form, methods=["GET"], response_class=HTMLResponse)
+    routes.add_api_route("/login", login, methods=["POST"])
+    routes.add_api_route("/logout", logout, methods=["POST"])
+    routes.add_api_route("/", worklist, methods=["GET"], response_class=HTMLResponse)
+    routes.add_api_route("/worklist/rows", worklist_rows, methods=["GET"])
+    routes.add_api_route("/studies/{study_uid}", study_page, methods=["GET"])
+    routes.add_api_route(
+        "/studies/{study_uid}/images/{sop_instance_uid}.png", study_image, methods=["GET"]
+    )
+    return routes

@@ -1,0 +1,194 @@
+"""Building a bundle from a local Hugging Face CLIP or SigLIP folder (``pacsclip model import-hf``).
+
+The folder is what ``save_pretrained`` writes (or a copy of a hub repository): ``config.json``,
+the weights (``*.safetensors``), the tokenizer files and ``preprocessor_config.json``. The
+model is loaded with transformers from that folder only, its towers are exported to ONNX
+around ``get_image_features`` / ``get_text_features``, and the bundle is written through
+``import-onnx``'s code (:mod:`plugin.models.importers.torch_export`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from plugin.models.bundle import Bundle, BundleError, PromptsFile
+from plugin.models.importers import image_preprocessing
+from plugin.models.importers.default_prompts import chest_radiograph_prompts
+from plugin.models.importers.tokenizer_files import write_tokenizer_json
+from plugin.models.importers.torch_export import TorchImport, TorchTowers, build_torch_bundle
+
+SUPPORTED_MODEL_TYPES = ("clip", "siglip")
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class HfImport:
+    """What ``import-hf`` needs: the model folder and the bundle's identity."""
+
+    folder: Path
+    name: str
+    version: str
+    prompts: PromptsFile | None = None  # default: chest_radiograph_prompts()
+    tokenizer_dir: Path | None = None  # default: the model folder
+
+
+class _ImageFeatures(nn.Module):
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+
+
+class _TextFeatures(nn.Module):
+    def __init__(self, model: Any, uses_mask: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.uses_mask = uses_mask
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.uses_mask:
+            return _pooled(
+                self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            )
+        return _pooled(self.model.get_text_features(input_ids=input_ids))
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output holds the projected
+    # features; earlier versions return the tensor itself.
+    if isinstance(output, torch.Tensor):
+        return output
+    return output.pooler_output  # type: ignore[no-any-return]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The model's weight files (``*.safetensors``, else ``pytorch_model*.bin``)."""
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a folder: give the Hugging Face model folder")
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not found:
+        raise BundleError(
+            f"{folder} holds no weights (*.safetensors): copy the model's config.json and "
+            "model.safetensors into it"
+        )
+    return found
+
+
+def model_type(folder: Path) -> str:
+    """``clip`` or ``siglip`` from ``config.json``; a clear error for anything else."""
+    config = image_preprocessing.read_json(
+        folder / "config.json",
+        "give the folder of a Hugging Face CLIPModel or SiglipModel (save_pretrained writes "
+        "config.json beside the weights)",
+    )
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise BundleError(
+            f"{folder / 'config.json'}: model_type {kind!r} is not supported; import-hf takes "
+            f"{' or '.join(SUPPORTED_MODEL_TYPES)} (CLIPModel, SiglipModel). For an open_clip "
+            "checkpoint use `pacsclip model import-open-clip`"
+        )
+    return str(kind)
+
+
+def load_hf_model(folder: Path) -> tuple[Any, str]:
+    """The model in eval mode, loaded from ``folder`` only, and its model type."""
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a folder: give the Hugging Face model folder")
+    kind = model_type(folder)
+    from transformers import CLIPModel, SiglipModel
+
+    model_class = CLIPModel if kind == "clip" else SiglipModel
+    try:
+        # Eager attention traces to plain ONNX operators on every opset.
+        model: Any = model_class.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="eager"
+        )
+    except (OSError, ValueError) as exc:
+        raise BundleError(
+            f"cannot load the {kind} weights from {folder}: {exc}. Copy config.json and the "
+            "*.safetensors file(s) of the model into the folder"
+        ) from exc
+    return model.eval(), kind
+
+
+def hf_towers(model: Any, kind: str, source: str) -> TorchTowers:
+    """Describe a loaded CLIPModel or SiglipModel for the ONNX exporter."""
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    siglip = kind == "siglip"
+    return TorchTowers(
+        image=_ImageFeatures(model),
+        # SigLIP was trained on sequences padded to max_position_embeddings with no mask.
+        text=_TextFeatures(model, uses_mask=not siglip),
+        embedding_dim=_embedding_dim(model, kind),
+        image_size=int(vision_config.image_size),
+        logit_scale=float(math.exp(float(model.logit_scale.detach()))),
+        max_length=int(text_config.max_position_embeddings),
+        text_uses_mask=not siglip,
+        text_length=int(text_config.max_position_embeddings) if siglip else None,
+        source=source,
+    )
+
+
+def _embedding_dim(model: Any, kind: str) -> int:
+    if kind == "clip":
+        return int(model.config.projection_dim)
+    # SigLIP has no projection: the pooled hidden states are the embeddings.
+    return int(model.config.vision_config.hidden_size)
+
+
+def build_hf_bundle(spec: HfImport, dest: Path, threads: int | None = 1) -> Bundle:
+    """Load the folder's model, export its towers, write and check the bundle in ``dest``."""
+    model, kind = load_hf_model(spec.folder)
+    source = f"a Hugging Face {kind} model ({spec.folder.name})"
+    towers = hf_towers(model, kind, source)
+    processor = spec.folder / PREPROCESSOR_CONFIG
+    processor_config = (
+        image_preprocessing.read_json(processor, "the image preprocessing of the model")
+        if processor.is_file()
+        else _default_processor(kind, towers.image_size)
+    )
+    image = image_preprocessing.from_hf_processor(
+        processor_config,
+        towers.image_size,
+        "stretch" if kind == "siglip" else "center-crop",
+        str(processor),
+    )
+    with tempfile.TemporaryDirectory(prefix="pacsclip-tokenizer-") as scratch:
+        folders = [spec.tokenizer_dir] if spec.tokenizer_dir is not None else [spec.folder]
+        write_tokenizer_json(
+            folders,
+            Path(scratch),
+            "Copy tokenizer.json (or vocab.json and merges.txt for CLIP, spiece.model for "
+            "SigLIP) with tokenizer_config.json from the model's repository into the folder",
+        )
+        return build_torch_bundle(
+            towers,
+            TorchImport(
+                name=spec.name,
+                version=spec.version,
+                image=image,
+                tokenizer_dir=Path(scratch),
+                prompts=spec.prompts or chest_radiograph_prompts(),
+            ),
+            dest,
+            threads=threads,
+        )
+
+
+def _default_processor(kind: str, size: int) -> dict[str, Any]:
+    """What transformers' image processors do when the folder has no preprocessor config."""
+    if kind == "siglip":
+        return {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": size}
+    return {}

@@ -1,0 +1,1 @@
+"""Fuzzing the receive path of a running ``pacsclip node`` (scripts; a short run is a test)."""
