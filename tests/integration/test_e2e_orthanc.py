@@ -112,8 +112,15 @@ def test_orthanc_down_during_dispatch_is_retried_until_it_is_back(
     with OrthancServer(
         modalities=modalities, workdir=workdir, http_port=http_port, dicom_port=dicom_port
     ) as orthanc:
+        # The analysis takes a few seconds, so that Orthanc is surely stopped before the
+        # first delivery: a fast worker could otherwise deliver while Orthanc shuts down.
         run = start_with_orthanc(
-            pipeline, orthanc, node_port, dispatch_max_retries=8, dispatch_backoff_s=1.0
+            pipeline,
+            orthanc,
+            node_port,
+            dispatch_max_retries=8,
+            dispatch_backoff_s=1.0,
+            slow_analysis_s=4.0,
         )
         study_uid = push_study(orthanc, tmp_path)
     # Orthanc is down now; pacsclip analyses and keeps trying to deliver.
