@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
+from pathlib import Path
 
 from pydicom import Dataset, dcmread
 
@@ -43,6 +44,7 @@ from plugin.results import (
     build_measurement_report,
     build_overlay,
 )
+from plugin.results.study_result import MANUFACTURER
 from plugin.settings import DestinationConfig, Settings
 
 logger = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ class StudyAnalyser:
         site = study.site_key  # picks the site's promoted head, if it has one
         steps: dict[str, float] = {}
         with _timed(steps, "read"):
-            datasets = [dcmread(self.settings.spool_dir / p) for p in study.instance_paths]
+            datasets = read_study(self.settings.spool_dir, study.instance_paths)
         report = self.model.triage(datasets, site=site)
         steps.update(report.timings)
         with _timed(steps, "build"):
@@ -240,18 +242,7 @@ class StudyAnalyser:
             synthetic=self.algorithm.synthetic,
             priority=report.priority,
             triggered_by=list(report.triggered_by),
-            findings=[
-                {
-                    "name": f.name,
-                    "display": f.display,
-                    "probability": f.probability,
-                    "raw_probability": f.raw_probability,
-                    "decision": f.decision,
-                    "threshold": f.threshold,
-                    "source_sop_instance_uid": f.source_sop_instance_uid,
-                }
-                for f in report.findings
-            ],
+            findings=finding_rows(report),
             ood=report.ood_dict(),
             duration_s=duration_s,
             objects=objects,
@@ -274,6 +265,30 @@ class StudyAnalyser:
             if completed is None
             else (datetime.now(UTC) - completed).total_seconds(),
         )
+
+
+def read_study(spool_dir: Path, paths: Sequence[str]) -> list[Dataset]:
+    """The study's objects, less pacsclip's own results: a PACS that sends the whole study
+    again (with a report, say) sends back our SR and overlays too, and an overlay is no
+    acquisition to score."""
+    datasets = [dcmread(spool_dir / p) for p in paths]
+    return [ds for ds in datasets if str(ds.get("Manufacturer", "")) != MANUFACTURER]
+
+
+def finding_rows(report: TriageReport) -> list[dict[str, object]]:
+    """A triage's findings as the catalog keeps them."""
+    return [
+        {
+            "name": f.name,
+            "display": f.display,
+            "probability": f.probability,
+            "raw_probability": f.raw_probability,
+            "decision": f.decision,
+            "threshold": f.threshold,
+            "source_sop_instance_uid": f.source_sop_instance_uid,
+        }
+        for f in report.findings
+    ]
 
 
 @contextmanager

@@ -176,6 +176,27 @@ class Settings(BaseSettings):
         description="Out-of-distribution guard: a study unlike the bundle's reference images "
         "is stored and indexed but not scored (no findings). Off: findings on every image.",
     )
+    report_vocabulary_file: Path | None = Field(
+        None,
+        description="YAML file adding report words per finding (terms, patterns, normal) to "
+        "the report labeler's defaults; see docs/validation.md.",
+    )
+    validation_min_positives: int = Field(
+        20,
+        ge=1,
+        description="Validation gives figures for a finding only with this many "
+        "positive labeled studies (and the gate needs them).",
+    )
+    validation_min_negatives: int = Field(
+        20, ge=1, description="The same for negative labeled studies."
+    )
+    golive_auroc_floor: float = Field(
+        0.70,
+        ge=0.0,
+        le=1.0,
+        description="Go-live gate: lowest AUROC a candidate may have at "
+        "a site, per finding, against the site's report labels.",
+    )
     task_visibility_timeout_s: int = Field(
         300, ge=10, description="Redis broker: an unacknowledged task is redelivered after this."
     )

@@ -23,13 +23,17 @@ from plugin.errors import PacsclipError
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.projection import text_encoder
-from plugin.models.registry import resolve_bundle
+from plugin.models.registry import Registry, resolve_bundle
 from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import Settings
 from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT, FINETUNE_BUNDLE
 from plugin.triage.site_heads import load_active_site_heads
+from plugin.validation.intake import ReportIntake
+from plugin.validation.report_labeler import ReportRefused
+from plugin.validation.services import labeler_for
+from plugin.validation.shadow import ShadowAnalyser
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,40 @@ class WorkerContext:
         return StudyAnalyser(self.settings, self.catalog, model)
 
     @cached_property
+    def shadows(self) -> list[ShadowAnalyser]:
+        """The candidates `pacsclip model shadow` names, loaded when the worker starts. One
+        that cannot load is logged and left out: a shadow never holds up the live results."""
+        registry = Registry.for_data_dir(self.settings.data_dir)
+        loaded = []
+        for shadow in registry.shadows():
+            try:
+                bundle = registry.shadow_bundle(shadow.ref)
+                model = TriageModel(
+                    bundle,
+                    threads=self.settings.inference_threads,
+                    site_heads=load_active_site_heads(self.settings.data_dir, bundle.ref),
+                    ood_guard=self.settings.ood_guard,
+                )
+            except PacsclipError as exc:
+                logger.error("shadow model %s not loaded: %s", shadow.ref, exc)
+                continue
+            loaded.append(ShadowAnalyser(self.settings, self.catalog, model, shadow))
+            logger.info("shadow model %s loaded for %s", shadow.ref, shadow.site or "every site")
+        return loaded
+
+    @cached_property
+    def reports(self) -> ReportIntake:
+        """Reports that came with a study: linked, labeled and indexed for search."""
+
+        def index(study_uid: str, text: str, source: str) -> None:
+            try:
+                self.retrieval.add_report(study_uid, text, source)
+            except NoTextTower as exc:
+                logger.info("report text not indexed: %s", exc)
+
+        return ReportIntake(self.catalog.sessions, lambda: labeler_for(self.settings), index)
+
+    @cached_property
     def indexes(self) -> IndexStore:
         return self.retrieval.store
 
@@ -81,11 +119,17 @@ class WorkerContext:
             self.analyser.model.warm_up()
         except PacsclipError as exc:
             logger.error("model not loaded at start: %s", exc)
+        for shadow in self.shadows:
+            try:
+                shadow.model.warm_up()
+            except PacsclipError as exc:
+                logger.error("shadow model %s not warmed up: %s", shadow.shadow.ref, exc)
 
     def keep_reports(self, study_uid: str) -> None:
-        """Store and index the text of reports (SRs from the PACS) that came with the study.
+        """Store, label and index the text of reports (SRs from the PACS) that came with the
+        study, and link reports that were waiting for it.
 
-        Failures are logged: a report that cannot be indexed must not hold up the results.
+        Failures are logged: a report that cannot be kept must not hold up the results.
         """
         with self.catalog.sessions() as session:
             paths = instance_paths_of_classes(session, study_uid, REPORT_SR_CLASSES)
@@ -94,12 +138,23 @@ class WorkerContext:
                 ds = dcmread(self.settings.spool_dir / path)
                 text = report_text(ds) if is_foreign_report(ds) else ""
                 if text:
-                    self.retrieval.add_report(study_uid, text, source="sr")
-            except NoTextTower as exc:
-                logger.info("report text not indexed: %s", exc)
-                return
+                    self.reports.add(text, source="sr", study_uid=study_uid)
+            except ReportRefused as exc:
+                logger.info("a report of the study was not kept: %s", exc)
             except Exception:
-                logger.exception("a report of the study could not be indexed")
+                logger.exception("a report of the study could not be kept")
+        try:
+            self.reports.link_waiting(study_uid)
+        except Exception:
+            logger.exception("reports waiting for their study were not linked")
+
+    def score_in_shadow(self, study_uid: str, generation: int) -> None:
+        """Every shadow model that covers the study's site scores it; failures are logged."""
+        for shadow in self.shadows:
+            try:
+                shadow.analyse(study_uid, generation)
+            except Exception:
+                logger.exception("shadow model %s failed on a study", shadow.shadow.ref)
 
     def update_index(self) -> None:
         """Add the embeddings just committed to this model's image index and save it.
@@ -139,6 +194,8 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
         # Last: the results are on their way before the index is touched.
         context.update_index()
         context.keep_reports(study_uid)
+    # Also when an earlier delivery made the live analysis: a shadow run it missed is made up.
+    context.score_in_shadow(study_uid, generation)
     return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
 
 

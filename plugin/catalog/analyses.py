@@ -19,6 +19,8 @@ from plugin.catalog.models import Analysis, DispatchJob, ResultObject, Study
 from plugin.catalog.studies import instance_paths
 from plugin.study_state import StudyState
 
+LIVE, SHADOW = "live", "shadow"
+
 
 @dataclass(frozen=True)
 class StudyToAnalyse:
@@ -79,6 +81,7 @@ def predecessor_report_path(
             Analysis.study_id == study_id,
             Analysis.generation < generation,
             Analysis.algorithm_name == algorithm_name,
+            Analysis.role == LIVE,
             ResultObject.kind == "SR",
         )
         .order_by(Analysis.generation.desc())
@@ -186,6 +189,36 @@ def record_analysis(
         created=True,
         completed_at=study.completed_at,
     )
+
+
+def record_shadow_analysis(session: Session, study_uid: str, new: NewAnalysis) -> bool:
+    """Record a shadow model's run and commit it: scores only, no result objects, no jobs,
+    and the study's state and priority are the live model's alone. False when an earlier run
+    recorded it."""
+    study = _study(session, study_uid)
+    if find_analysis(session, study.id, new.generation, new.algorithm_name, new.algorithm_version):
+        return False
+    session.add(
+        Analysis(
+            study_id=study.id,
+            generation=new.generation,
+            algorithm_name=new.algorithm_name,
+            algorithm_version=new.algorithm_version,
+            synthetic=new.synthetic,
+            priority=new.priority,
+            triggered_by=new.triggered_by,
+            findings=new.findings,
+            ood=new.ood,
+            duration_s=new.duration_s,
+            role=SHADOW,
+        )
+    )
+    try:
+        session.commit()
+    except IntegrityError:  # a redelivered task recorded it at the same time
+        session.rollback()
+        return False
+    return True
 
 
 def _study(session: Session, study_uid: str) -> Study:

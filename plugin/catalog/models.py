@@ -169,6 +169,9 @@ class Analysis(Base):
     ood: Mapped[dict[str, object] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     duration_s: Mapped[float | None]
+    # "live": the model whose results go out; "shadow": a candidate scored for validation
+    # only, with no result objects, jobs or flags.
+    role: Mapped[str] = mapped_column(String(8), default="live", server_default="live")
 
     study: Mapped[Study] = relationship()
     objects: Mapped[list[ResultObject]] = relationship(
@@ -245,6 +248,37 @@ class StudyReport(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     study: Mapped[Study] = relationship()
+
+
+class ReportLabels(Base):
+    """What one labeler version read in a report: finding -> present | absent | uncertain | null."""
+
+    __tablename__ = "report_label"
+    __table_args__ = (UniqueConstraint("report_id", "labeler_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("study_report.id"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    labeler_version: Mapped[str] = mapped_column(String(64), index=True)
+    labels: Mapped[dict[str, str | None]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UnlinkedReport(Base):
+    """A report that names no study in the catalog (yet): kept with the reason, never dropped."""
+
+    __tablename__ = "unlinked_report"
+    __table_args__ = (UniqueConstraint("source", "digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # csv | hl7 | api
+    study_instance_uid: Mapped[str | None] = mapped_column(String(200))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    linked_at: Mapped[datetime | None]
 
 
 class ReportEmbedding(Base):

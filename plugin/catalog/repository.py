@@ -262,7 +262,7 @@ def latest_findings(
     name and version, when given)."""
     query = (
         select(Analysis.study_id, Analysis.findings)
-        .where(Analysis.study_id.in_(list(study_ids)))
+        .where(Analysis.study_id.in_(list(study_ids)), Analysis.role == "live")
         .order_by(Analysis.generation, Analysis.id)
     )
     if algorithm is not None:
@@ -344,7 +344,9 @@ def stale_queued(session: Session, older_than: datetime) -> list[StaleStudy]:
     """Studies completed long ago whose current generation has no analysis yet: their task
     was lost (a broker without redelivery, a failed send) and must be sent again."""
     analysed = select(Analysis.id).where(
-        Analysis.study_id == Study.id, Analysis.generation == Study.generation
+        Analysis.study_id == Study.id,
+        Analysis.generation == Study.generation,
+        Analysis.role == "live",
     )
     rows = session.execute(
         select(Study.study_instance_uid, Study.generation, Study.priority).where(
@@ -372,6 +374,7 @@ def results_for(session: Session, study_uid: str) -> list[dict[str, Any]]:
                 "version": a.algorithm_version,
                 "synthetic": a.synthetic,
             },
+            "role": a.role,
             "priority": a.priority,
             "triggered_by": a.triggered_by,
             "findings": a.findings,

@@ -160,7 +160,7 @@ def _rows(session: Session, ids: Sequence[int]) -> list[WorklistRow]:
     newest: dict[int, Analysis] = {}
     for analysis in session.scalars(
         select(Analysis)
-        .where(Analysis.study_id.in_(ids))
+        .where(Analysis.study_id.in_(ids), Analysis.role == "live")
         .order_by(Analysis.generation, Analysis.id)
     ):
         newest[analysis.study_id] = analysis

@@ -16,10 +16,12 @@ import typer
 
 from plugin.cli.adapt_cmd import adapt_app
 from plugin.cli.common import JsonFlag, command_settings, fail, open_sessions, print_json
+from plugin.cli.demo_cmd import demo_app
 from plugin.cli.model_cmd import model_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
+from plugin.cli.validation_cmd import report_import, report_label, report_unlinked, validate
 from plugin.errors import ConfigError
 from plugin.settings import DicomPeer, Settings, mask_url
 from plugin.settings_reference import settings_reference
@@ -40,9 +42,14 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(model_app, name="model")
 app.add_typer(revisit_app, name="revisit")
 app.add_typer(adapt_app, name="adapt")
+app.add_typer(demo_app, name="demo")
 app.command()(triage)
 app.add_typer(index_app, name="index")
 app.add_typer(report_app, name="report")
+report_app.command("label")(report_label)
+report_app.command("import")(report_import)
+report_app.command("unlinked")(report_unlinked)
+app.command()(validate)
 app.command()(similar)
 app.command()(search)
 

@@ -50,18 +50,23 @@ def _registry(ctx: typer.Context) -> Registry:
 
 @model_app.command("list")
 def model_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Installed and built-in bundles; the active one is marked with '*'."""
+    """Installed and built-in bundles; the live (active) one is marked with '*', shadows with
+    the sites where they run."""
     registry = _registry(ctx)
     with exit_on_error():
         entries = registry.list()
+        shadows = registry.shadows()
+    shadow_sites = {e.ref: [s.site or "*" for s in shadows if s.ref == e.ref] for e in entries}
     if as_json:
-        print_json([e.as_dict() for e in entries])
+        print_json([{**e.as_dict(), "shadow_sites": shadow_sites[e.ref]} for e in entries])
         return
     if not entries:
         typer.echo(f"no model bundles in {registry.root}; add one with `pacsclip model install`")
         return
     for e in entries:
         flags = [f for f, on in (("built-in", e.builtin), ("synthetic", e.synthetic)) if on]
+        if shadow_sites[e.ref]:
+            flags.append("shadow@" + ",".join(shadow_sites[e.ref]))
         mark = "*" if e.active else " "
         typer.echo(f"{mark} {e.ref:<40} {' '.join(flags):<20} {e.path}")
 
@@ -179,6 +184,27 @@ def model_activate(ctx: typer.Context, name: str, version: str) -> None:
     with exit_on_error():
         bundle = registry.activate(name, version)
     typer.echo(f"active model: {bundle.ref}")
+
+
+@model_app.command("shadow")
+def model_shadow(
+    ctx: typer.Context,
+    name: str,
+    version: str,
+    site: Annotated[
+        str | None, typer.Option(help="Only studies of this site key (default: every site).")
+    ] = None,
+    off: Annotated[bool, typer.Option("--off", help="Stop running it in shadow.")] = False,
+) -> None:
+    """Run NAME VERSION beside the live model on every study, in shadow: its scores are kept
+    for `pacsclip validate`, and nothing of it (SR, overlay, flag, webhook, HL7) leaves pacsclip.
+    Workers read the list when they start."""
+    registry = _registry(ctx)
+    with exit_on_error():
+        registry.set_shadow(name, version, site, on=not off)
+    where = "every site" if site is None else f"site {site}"
+    state = "no longer in shadow" if off else "in shadow"
+    typer.echo(f"{name}@{version} {state} at {where} (restart the workers to apply)")
 
 
 @model_app.command("import-onnx")

@@ -1510,10 +1510,19 @@ SECTION_HEADERS: tuple[tuple[str, str], ...] = (
     ("discharge_instructions", "return precautions:"),
     ("indication", "indication:"),
     ("indication", "clinical history:"),
+    ("indication", "history:"),
+    ("indication", "clinical details:"),
+    ("indication", "clinical information:"),
+    ("indication", "clinical indication:"),
+    ("indication", "reason for exam:"),
+    ("indication", "reason for examination:"),
+    ("indication", "reason for study:"),
     ("comparison", "comparison:"),
     ("technique", "technique:"),
     ("findings", "findings:"),
     ("impression", "impression:"),
+    ("impression", "conclusion:"),
+    ("impression", "opinion:"),
 )
 
 # Sections whose content is, by where it is written, about the past, a relative, or advice.
@@ -1596,13 +1605,26 @@ def project_assertion_rules() -> list[AssertionRule]:
         AssertionRule(
             "- no.", neg, bwd, ({"ORTH": "-"}, {"LOWER": {"IN": no_words}}, _STOP_TOKENS)
         ),
+        # Both ways: "the pneumothorax has resolved" and an impression's "resolved pneumonia".
         AssertionRule(
             "resolved",
             neg,
-            bwd,
+            bidir,
             (
                 {"LOWER": {"IN": ["has", "have", "had"]}, "OP": "?"},
-                {"LOWER": {"IN": ["resolved", "cleared"]}},
+                {"LOWER": {"IN": ["resolved", "cleared", "re-expanded", "reexpanded"]}},
+            ),
+        ),
+        # A device taken out: "interval removal of the ETT", "chest tube removed".
+        AssertionRule("removed", neg, bidir, ({"LOWER": {"IN": ["removed", "removal"]}},)),
+        AssertionRule(
+            "no longer seen",
+            neg,
+            bwd,
+            (
+                {"LOWER": "no"},
+                {"LOWER": "longer"},
+                {"LOWER": {"IN": ["seen", "visualized", "identified", "present", "evident"]}},
             ),
         ),
         AssertionRule(
@@ -1612,6 +1634,20 @@ def project_assertion_rules() -> list[AssertionRule]:
             ({"LOWER": {"IN": ["resolution", "resolved"]}}, {"LOWER": "of"}),
         ),
         AssertionRule("no longer", neg, fwd, ({"LOWER": "no"}, {"LOWER": "longer"})),
+        # "No significant change in the effusion" reports the effusion; it denies a change.
+        AssertionRule(
+            "no change",
+            neg,
+            pseudo,
+            (
+                {"LOWER": "no"},
+                {
+                    "LOWER": {"IN": ["significant", "substantial", "interval", "appreciable"]},
+                    "OP": "*",
+                },
+                {"LOWER": {"IN": ["change", "changes", "progression"]}},
+            ),
+        ),
         AssertionRule(
             "is not seen",
             neg,
@@ -1621,6 +1657,12 @@ def project_assertion_rules() -> list[AssertionRule]:
                 {"LOWER": {"IN": not_words}},
                 {"LOWER": {"IN": ["seen", "identified", "present", "visualized", "appreciated"]}},
             ),
+        ),
+        AssertionRule(
+            "is absent",
+            neg,
+            bwd,
+            ({"LOWER": {"IN": ["is", "are", "was", "were"]}}, {"LOWER": "absent"}),
         ),
         AssertionRule(
             "without evidence of",
@@ -1684,6 +1726,10 @@ def project_assertion_rules() -> list[AssertionRule]:
                             "suspected",
                             "presumptive",
                             "borderline",
+                            "possibly",
+                            "probably",
+                            "likely",
+                            "questionably",
                         ]
                     }
                 },
@@ -1706,6 +1752,12 @@ def project_assertion_rules() -> list[AssertionRule]:
                 {"LOWER": {"IN": ["may", "might", "could", "can"]}},
                 {"LOWER": {"IN": ["represent", "reflect", "indicate"]}},
             ),
+        ),
+        AssertionRule(
+            "may be",
+            poss,
+            fwd,
+            ({"LOWER": {"IN": ["may", "could"]}}, {"LOWER": "be"}),
         ),
         AssertionRule("versus", poss, bidir, ({"LOWER": {"IN": ["versus", "vs", "vs."]}},)),
         AssertionRule(

@@ -187,6 +187,8 @@ class Finding(_Strict):
     templates: list[str] = Field(default_factory=lambda: ["{}"], min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
     stat_threshold: Probability | None = None
+    # Words that name the finding in a radiology report, beyond the report labeler's defaults.
+    report_terms: list[str] = Field(default_factory=list)
 
     @field_validator("templates")
     @classmethod

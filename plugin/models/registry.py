@@ -4,7 +4,8 @@ Layout::
 
     <root>/registry.json          {"format_version": 1, "active": "name@version" | null,
                                    "installed": [{"name", "version", "path", "synthetic",
-                                                  "installed_at"}]}
+                                                  "installed_at"}],
+                                   "shadow": [{"ref": "name@version", "site": key | null}]}
     <root>/<name>/<version>/      a verified copy of an installed bundle
     <root>/.lock                  serialises writers (install, activate) across processes
 
@@ -62,12 +63,26 @@ class _InstalledRecord(BaseModel):
     installed_at: str
 
 
+class ShadowModel(BaseModel):
+    """A candidate that scores every study of ``site`` (every site when None) in shadow: its
+    results are kept for validation, and nothing of it leaves pacsclip."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ref: str
+    site: str | None = None
+
+    def covers(self, site: str) -> bool:
+        return self.site is None or self.site == site
+
+
 class _RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = 1
     active: str | None = None
     installed: list[_InstalledRecord] = Field(default_factory=list)
+    shadow: list[ShadowModel] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -194,6 +209,32 @@ class Registry:
             self._write(state)
         logger.info("model bundle activated: %s", bundle.ref)
         return bundle
+
+    def shadows(self) -> builtins.list[ShadowModel]:
+        return list(self._read().shadow)
+
+    def set_shadow(self, name: str, version: str, site: str | None, on: bool = True) -> None:
+        """Run ``name@version`` in shadow at ``site`` (every site when None), or stop it."""
+        with self._locked():
+            entry = self._find(name, version)
+            state = self._read()
+            record = ShadowModel(ref=entry.ref, site=site)
+            if on and entry.ref == state.active:
+                raise RegistryError(f"{entry.ref} is the live model; it cannot also be a shadow")
+            kept = [s for s in state.shadow if s != record]
+            if not on and len(kept) == len(state.shadow):
+                where = "every site" if site is None else f"site {site}"
+                raise RegistryError(f"{entry.ref} is not in shadow at {where}")
+            if on:
+                load_bundle(entry.path)  # checksums: a shadow that cannot load is refused now
+                kept.append(record)
+            state.shadow = kept
+            self._write(state)
+        logger.info("shadow %s %s at %s", "on" if on else "off", entry.ref, site or "every site")
+
+    def shadow_bundle(self, ref: str) -> Bundle:
+        name, version = parse_ref(ref)
+        return load_bundle(self._find(name, version).path)
 
     # -- internals -------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from plugin.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REPORT_SOURCES = ("sr", "hl7", "api")
+REPORT_SOURCES = ("sr", "hl7", "api", "csv")
 MAX_K = 200
 # A study has several images and each may hit; image hits are over-fetched per wanted study.
 IMAGES_PER_STUDY = 4
