@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from plugin.cli.common import JsonFlag, command_settings, exit_on_error, fail, print_json
+from plugin.cli.common import (
+    JsonFlag,
+    command_settings,
+    exit_on_error,
+    fail,
+    open_sessions,
+    print_json,
+)
 
 if TYPE_CHECKING:
     from plugin.finetune.job import FinetuneRequest
@@ -150,12 +157,30 @@ class _StageBars:
             self._bar = None
 
 
-def model_promote(ctx: typer.Context, name: str, version: str) -> None:
-    """Make a (fine-tuned) bundle the active one: checksums first, then its eval vs its parent."""
+def model_promote(
+    ctx: typer.Context,
+    name: str,
+    version: str,
+    site: Annotated[
+        str | None, typer.Option(help="Judge by this site's validation only (default: all).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Go live although the gate refuses (needs --reason).")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="Why the gate is overridden; kept in the audit log.")
+    ] = None,
+) -> None:
+    """Make a bundle the live (active) one: checksums, its eval vs its parent, then the go-live
+    gate on the sites' report-label validation (pacsclip validate)."""
     from plugin.finetune.evaluation import format_comparison
     from plugin.models.registry import Registry
+    from plugin.validation.services import check_golive
 
-    registry = Registry.for_data_dir(command_settings(ctx).data_dir)
+    if force and not (reason and reason.strip()):
+        raise fail("--force needs --reason TEXT: the override is kept in the audit log")
+    settings = command_settings(ctx)
+    registry = Registry.for_data_dir(settings.data_dir)
     with exit_on_error():
         report = registry.info(name, version)
     ref = report.manifest.ref
@@ -177,6 +202,25 @@ def model_promote(ctx: typer.Context, name: str, version: str) -> None:
             typer.echo(format_comparison(lineage.evaluation))
         for note in lineage.dropped:
             typer.echo(f"not carried over: {note}")
+    with exit_on_error():
+        decision = check_golive(
+            settings,
+            open_sessions(settings),
+            ref,
+            has_ood_reference=report.manifest.ood is not None,
+            site=site,
+            forced_reason=reason if force else None,
+        )
+    for line in decision.passed:
+        typer.echo(f"go-live check passed: {line}")
+    if not decision.allowed:
+        refusals = "\n".join(f"  - {r}" for r in decision.reasons)
+        if not force:
+            raise fail(
+                f"{ref} may not go live yet:\n{refusals}\n"
+                "The live model is unchanged. Override with --force --reason TEXT (audited)."
+            )
+        typer.echo(f"go-live gate overridden ({reason}); refused because:\n{refusals}")
     with exit_on_error():
         bundle = registry.activate(name, version)
     typer.echo(f"active model: {bundle.ref} (workers load it when they start: restart them)")

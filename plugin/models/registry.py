@@ -206,6 +206,8 @@ class Registry:
             bundle = load_bundle(self._find(name, version).path)
             state = self._read()
             state.active = bundle.ref
+            # Live now: it no longer runs in shadow beside itself.
+            state.shadow = [s for s in state.shadow if s.ref != bundle.ref]
             self._write(state)
         logger.info("model bundle activated: %s", bundle.ref)
         return bundle

@@ -7,12 +7,15 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from plugin.catalog.repository import audit
 from plugin.models.bundle import Bundle
 from plugin.models.registry import resolve_bundle
 from plugin.retrieval.index import RetrievalError
 from plugin.settings import Settings
+from plugin.validation.golive import GateDecision, golive_decision
 from plugin.validation.intake import ReportIntake
 from plugin.validation.report_labeler import ReportLabeler
+from plugin.validation.site_validation import validate
 from plugin.validation.statistics import Floors
 from plugin.validation.vocabulary import (
     DEFAULT_TERMS,
@@ -81,3 +84,42 @@ def floors_of(settings: Settings) -> Floors:
         min_negatives=settings.validation_min_negatives,
         auroc_floor=settings.golive_auroc_floor,
     )
+
+
+def check_golive(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    candidate: str,
+    *,
+    has_ood_reference: bool,
+    site: str | None = None,
+    forced_reason: str | None = None,
+) -> GateDecision:
+    """The gate's decision on the newest labels, written to the audit log (with the reason
+    when an operator overrides a refusal)."""
+    intake = intake_for(settings, sessions, embed=False)
+    intake.link_waiting()
+    intake.label_missing()
+    live = resolve_bundle(settings.data_dir, settings.model_bundle).ref
+    floors = floors_of(settings)
+    validation = validate(
+        sessions, intake.labeler.version, live_model=live, site=site, floors=floors
+    )
+    decision = golive_decision(
+        validation, candidate, floors=floors, has_ood_reference=has_ood_reference
+    )
+    if decision.allowed:
+        event, detail = "golive", f"{candidate} replaces {live}: every check passed"
+    elif forced_reason is not None:
+        event = "golive_forced"
+        detail = (
+            f"{candidate} replaces {live} by override: {forced_reason}; refused because: "
+            + "; ".join(decision.reasons)
+        )
+    else:
+        event, detail = "golive_refused", f"{candidate}: " + "; ".join(decision.reasons)
+    with sessions() as session:
+        audit(session, event, None, detail=detail)
+        session.commit()
+    logger.info("go-live gate for %s: %s", candidate, event)
+    return decision

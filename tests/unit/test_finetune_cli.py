@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from plugin.catalog.db import open_catalog
+from plugin.catalog.repository import audit_events
 from plugin.cli.main import app
 from plugin.finetune.adapters import PairFeatures
 from plugin.finetune.evaluation import retrieval
@@ -22,6 +24,7 @@ from plugin.models.bundle import Bundle, load_bundle, sha256_file
 from plugin.models.registry import Registry
 from plugin.models.runtime import ImageEncoder, TextEncoder
 from plugin.retrieval.service import sentences
+from plugin.settings import Settings
 from tests.finetune_fixtures import build_tiny_parent, write_pairs
 from tests.models_fixtures import FINDINGS
 
@@ -140,11 +143,28 @@ def test_promote_switches_the_active_bundle_and_shows_the_eval(
 ) -> None:
     data_dir = _copy(tuned, tmp_path)
     code, out, err = cli(data_dir, "promote", "tiny-clip", "2.0.0")
+    # No site has validated it: the go-live gate refuses, and says what is missing.
+    assert code == 2
+    assert "tiny-clip@2.0.0 may not go live yet" in err
+    assert "has no validation: run it in shadow" in err
+    assert "has no out-of-distribution reference" in err
+    assert Registry.for_data_dir(data_dir).active() is None
+    code, _, err = cli(data_dir, "promote", "tiny-clip", "2.0.0", "--force")
+    assert code == 2 and "--force needs --reason" in err
+
+    reason = "vendor acceptance test signed off"
+    code, out, err = cli(data_dir, "promote", "tiny-clip", "2.0.0", "--force", "--reason", reason)
     assert code == 0, err
     assert "fine-tuned from tiny-clip@1.0.0 on 40 pairs" in out
     assert "text_to_image" in out and "AUROC pleural_effusion" in out
+    assert f"go-live gate overridden ({reason})" in out
     active = Registry.for_data_dir(data_dir).active()
     assert active is not None and active.ref == "tiny-clip@2.0.0"
+    catalog = open_catalog(Settings(data_dir=data_dir).effective_database_url)
+    with catalog.sessions() as session:
+        events = [(e.event, e.detail) for e in audit_events(session)]
+    assert [e for e, _ in events] == ["golive_refused", "golive_forced"]
+    assert reason in (events[1][1] or "")
 
 
 def test_promote_refuses_a_corrupted_bundle(tuned: Tuned, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pydicom.uid import generate_uid
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.models import Analysis, ReportLabels, Site, Study
 from plugin.catalog.report_labels import waiting_reports
+from plugin.validation.golive import golive_decision
 from plugin.validation.intake import ReportIntake
 from plugin.validation.report_labeler import ReportLabeler, ReportRefused
 from plugin.validation.site_validation import validate
@@ -140,7 +141,7 @@ def test_validation_measures_live_and_shadow_side_by_side(
         intake.add(text, source="api", study_uid=uid)
         truth = float(present)
         add_analysis(
-            catalog, study_id, "demo@1", {"pleural_effusion": 0.5 * truth + rng.random() * 0.6}
+            catalog, study_id, "demo@1", {"pleural_effusion": 0.15 * truth + rng.random() * 0.6}
         )
         add_analysis(
             catalog,
@@ -170,6 +171,31 @@ def test_validation_measures_live_and_shadow_side_by_side(
     too_few = site_b["models"][0]["findings"]["pleural_effusion"]
     assert too_few["enough"] is False
     assert too_few["missing"].startswith("0 positive and 1 negative labeled studies")
+
+    # The gate: the better shadow may go live at site-a; site-b has too few labels for it.
+    at_a = validate(
+        catalog.sessions, labeler.version, live_model="demo@1", site="site-a", floors=FLOORS
+    )
+    better = golive_decision(at_a, "cand@2", floors=FLOORS, has_ood_reference=True)
+    assert better.allowed, better.reasons
+    assert "pleural_effusion at site site-a: AUROC 1.000 >= 0.7" in better.passed
+    unguarded = golive_decision(at_a, "cand@2", floors=FLOORS, has_ood_reference=False)
+    assert not unguarded.allowed and "no out-of-distribution reference" in unguarded.reasons[0]
+    # Were cand@2 live, the old model would be a worse candidate: refused with the interval.
+    reverse = validate(
+        catalog.sessions, labeler.version, live_model="cand@2", site="site-a", floors=FLOORS
+    )
+    worse = golive_decision(reverse, "demo@1", floors=FLOORS, has_ood_reference=True)
+    assert not worse.allowed
+    assert any("worse than the live model" in r for r in worse.reasons), worse.reasons
+    strict_floors = Floors(min_positives=30, min_negatives=8, bootstrap=200)
+    strict_answer = validate(
+        catalog.sessions, labeler.version, live_model="demo@1", site="site-a", floors=strict_floors
+    )
+    strict = golive_decision(strict_answer, "cand@2", floors=strict_floors, has_ood_reference=True)
+    assert any("too few labels" in r for r in strict.reasons)
+    unknown = golive_decision(at_a, "other@9", floors=FLOORS, has_ood_reference=True)
+    assert "has no validation: run it in shadow" in unknown.reasons[0]
 
     only_b = validate(
         catalog.sessions, labeler.version, live_model="demo@1", site="site-b", floors=FLOORS
