@@ -197,6 +197,28 @@ class Settings(BaseSettings):
         description="Go-live gate: lowest AUROC a candidate may have at "
         "a site, per finding, against the site's report labels.",
     )
+    monitor_window_studies: int = Field(
+        200,
+        ge=10,
+        description="Monitoring after go-live: the last this many labeled studies "
+        "per site and model (within monitor_window_days).",
+    )
+    monitor_window_days: int = Field(
+        30, ge=1, description="Monitoring: only studies received in the last this many days."
+    )
+    monitor_alert_rate_tolerance: float = Field(
+        0.10,
+        gt=0.0,
+        le=1.0,
+        description="Monitoring: alert when a finding's alert rate in "
+        "the window moves further than this from its rate before the window.",
+    )
+    monitor_interval_s: float = Field(
+        300.0,
+        ge=0.0,
+        description="How often a worker recomputes monitoring after a report "
+        "is labeled (0: after every report).",
+    )
     task_visibility_timeout_s: int = Field(
         300, ge=10, description="Redis broker: an unacknowledged task is redelivered after this."
     )

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from plugin.settings import Settings
 from plugin.task_queue import WORKER_QUEUES, make_celery
+from plugin.validation.monitoring import MonitoringGauges, MonitorStore
 from worker.tasks import WorkerContext, register
 
 
@@ -23,6 +24,8 @@ def main(
     app = make_celery(settings)
     app.pacsclip = context = WorkerContext(settings)
     if settings.worker_metrics_port is not None:
+        store = MonitorStore(settings.data_dir / "monitoring")
+        context.metrics.registry.register(MonitoringGauges(store.latest))
         context.metrics.serve(settings.api_host, settings.worker_metrics_port)
     register(app)
     context.warm_up()

@@ -7,6 +7,7 @@ attached to the Celery app by ``worker.main``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -32,7 +33,7 @@ from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT, FI
 from plugin.triage.site_heads import load_active_site_heads
 from plugin.validation.intake import ReportIntake
 from plugin.validation.report_labeler import ReportRefused
-from plugin.validation.services import labeler_for
+from plugin.validation.services import labeler_for, run_monitoring
 from plugin.validation.shadow import ShadowAnalyser
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 class WorkerContext:
     settings: Settings
     metrics: PacsclipMetrics = field(default_factory=PacsclipMetrics)
+    monitored_at: float | None = None  # monotonic time of the last monitoring run
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -139,6 +141,7 @@ class WorkerContext:
                 text = report_text(ds) if is_foreign_report(ds) else ""
                 if text:
                     self.reports.add(text, source="sr", study_uid=study_uid)
+                    self.monitor()
             except ReportRefused as exc:
                 logger.info("a report of the study was not kept: %s", exc)
             except Exception:
@@ -147,6 +150,19 @@ class WorkerContext:
             self.reports.link_waiting(study_uid)
         except Exception:
             logger.exception("reports waiting for their study were not linked")
+
+    def monitor(self) -> None:
+        """Recompute the monitoring window after new labels, at most every
+        ``monitor_interval_s``; failures are logged (monitoring never holds up results)."""
+        now = time.monotonic()
+        interval = self.settings.monitor_interval_s
+        if self.monitored_at is not None and now - self.monitored_at < interval:
+            return
+        self.monitored_at = now
+        try:
+            run_monitoring(self.settings, self.catalog.sessions, self.reports)
+        except Exception:
+            logger.exception("monitoring not updated")
 
     def score_in_shadow(self, study_uid: str, generation: int) -> None:
         """Every shadow model that covers the study's site scores it; failures are logged."""

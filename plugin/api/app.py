@@ -33,6 +33,7 @@ from plugin.retrieval.service import RetrievalService
 from plugin.settings import Settings
 from plugin.study_state import StudyState
 from plugin.triage.priority import WorklistFlag
+from plugin.validation.monitoring import MonitoringGauges, MonitorStore
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ def create_app(
     app.state.context = ApiContext(sessions, metrics, results_for, object_file)
     app.state.retrieval = retrieval
     metrics.include_catalog(partial(read_catalog, sessions, failed_dispatch_jobs))
+    # What the workers' monitoring computed last, read at each scrape.
+    metrics.registry.register(
+        MonitoringGauges(MonitorStore(settings.data_dir / "monitoring").latest)
+    )
     app.add_exception_handler(SQLAlchemyError, _catalog_unavailable)
 
     auth = [Depends(BearerAuth(settings.api_token))]

@@ -171,7 +171,8 @@ class ScoredStudy:
 def scored_labeled_studies(
     session: Session, labeler_version: str, *, site: str | None, since: datetime | None
 ) -> list[ScoredStudy]:
-    """The newest analysis per (study, model) of every study with labels of this version."""
+    """The newest analysis per (study, model) of every study with labels of this version,
+    oldest study first."""
     labeled = select(ReportLabels.study_id).where(ReportLabels.labeler_version == labeler_version)
     newest = (
         select(func.max(Analysis.id))

@@ -21,7 +21,13 @@ from plugin.cli.model_cmd import model_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
-from plugin.cli.validation_cmd import report_import, report_label, report_unlinked, validate
+from plugin.cli.validation_cmd import (
+    monitor,
+    report_import,
+    report_label,
+    report_unlinked,
+    validate,
+)
 from plugin.errors import ConfigError
 from plugin.settings import DicomPeer, Settings, mask_url
 from plugin.settings_reference import settings_reference
@@ -50,6 +56,7 @@ report_app.command("label")(report_label)
 report_app.command("import")(report_import)
 report_app.command("unlinked")(report_unlinked)
 app.command()(validate)
+app.command()(monitor)
 app.command()(similar)
 app.command()(search)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -74,13 +75,15 @@ def report_import(
     as_json: JsonFlag = False,
 ) -> None:
     """Import reports, link them to their studies and label them (unlinked ones are kept)."""
-    from plugin.validation.services import intake_for
+    from plugin.validation.services import intake_for, run_monitoring
 
     settings = command_settings(ctx)
     with exit_on_error():
-        intake = intake_for(settings, open_sessions(settings))
+        sessions = open_sessions(settings)
+        intake = intake_for(settings, sessions)
         intake.link_waiting()
         summary = intake.import_csv(file)
+        run_monitoring(settings, sessions, intake)
     if as_json:
         print_json(summary.as_dict())
     else:
@@ -213,3 +216,32 @@ def _print_validation(answer: dict[str, Any]) -> None:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def monitor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Recompute the monitoring window per site, model and finding; alert on what fell below
+    its floor (log and webhook). Workers do this on their own after labeled reports; run it
+    from a timer where no worker runs."""
+    from plugin.validation.services import run_monitoring
+
+    settings = command_settings(ctx)
+    with exit_on_error():
+        figures, alerts = run_monitoring(settings, open_sessions(settings))
+    if as_json:
+        print_json(
+            {
+                "figures": [asdict(f) for f in figures],
+                "alerts": [{**asdict(a), "message": a.message()} for a in alerts],
+            }
+        )
+        return
+    for f in figures:
+        auroc = "n/a" if f.auroc is None else f"{f.auroc:.3f}"
+        rate = "n/a" if f.alert_rate is None else f"{f.alert_rate:.1%}"
+        state = "; ".join(f.problems) or "ok"
+        typer.echo(
+            f"{f.site}  {f.model}  {f.finding:<18} {f.labeled:>4} labeled  AUROC {auroc}  "
+            f"alerts {rate}  {state}"
+        )
+    for alert in alerts:
+        typer.echo(alert.message())

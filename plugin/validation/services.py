@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from plugin.catalog.report_labels import scored_labeled_studies, study_labels
 from plugin.catalog.repository import audit
 from plugin.models.bundle import Bundle
 from plugin.models.registry import resolve_bundle
@@ -14,6 +15,15 @@ from plugin.retrieval.index import RetrievalError
 from plugin.settings import Settings
 from plugin.validation.golive import GateDecision, golive_decision
 from plugin.validation.intake import ReportIntake
+from plugin.validation.monitoring import (
+    Alert,
+    MonitorStore,
+    Window,
+    WindowFigure,
+    alert_payload,
+    now_utc,
+    window_figures,
+)
 from plugin.validation.report_labeler import ReportLabeler
 from plugin.validation.site_validation import validate
 from plugin.validation.statistics import Floors
@@ -123,3 +133,44 @@ def check_golive(
         session.commit()
     logger.info("go-live gate for %s: %s", candidate, event)
     return decision
+
+
+def monitor_store(settings: Settings) -> MonitorStore:
+    return MonitorStore(settings.data_dir / "monitoring")
+
+
+def run_monitoring(
+    settings: Settings, sessions: sessionmaker[Session], intake: ReportIntake | None = None
+) -> tuple[list[WindowFigure], list[Alert]]:
+    """Recompute the window figures, keep them, and raise the alerts that start or end."""
+    intake = intake or intake_for(settings, sessions, embed=False)
+    intake.link_waiting()
+    intake.label_missing()
+    version = intake.labeler.version
+    with sessions() as session:
+        rows = scored_labeled_studies(session, version, site=None, since=None)
+        labels = study_labels(session, sorted({r.study_id for r in rows}), version)
+    window = Window(
+        studies=settings.monitor_window_studies,
+        days=settings.monitor_window_days,
+        alert_rate_tolerance=settings.monitor_alert_rate_tolerance,
+    )
+    now = now_utc()
+    figures = window_figures(rows, labels, window=window, floors=floors_of(settings), now=now)
+    alerts = monitor_store(settings).record(figures, now)
+    for alert in alerts:
+        logger.warning("%s", alert.message())
+        if settings.webhook_url:
+            _post_alert(settings, alert)
+    return figures, alerts
+
+
+def _post_alert(settings: Settings, alert: Alert) -> None:
+    from plugin.notify import NotificationError
+    from plugin.notify.webhook import notify_stat as post_webhook
+
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    try:
+        post_webhook(settings.webhook_url or "", alert_payload(alert), secret=secret)
+    except NotificationError as exc:
+        logger.error("validation alert webhook failed: %s", exc)
