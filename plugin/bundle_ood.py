@@ -1,6 +1,7 @@
 """Fitting a bundle's out-of-distribution reference and pinning it into the bundle.
 
-``pacsclip model fit-ood`` and the demo packaging call :func:`fit_ood`: the images are
+``pacsclip model fit-ood`` (on a new version's copy of the bundle, :mod:`plugin.bundle_versions`)
+and the demo packaging (on the bundle it is writing) call :func:`fit_ood`: the images are
 prepared exactly as the worker prepares them (DICOM -> display -> model input), embedded by
 the bundle's image tower, split into a part that fits the mean and covariance and a held-out
 part that sets the threshold (:mod:`plugin.triage.ood`), and the reference is written as
@@ -10,7 +11,7 @@ part that sets the threshold (:mod:`plugin.triage.ood`), and the reference is wr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from numpy.typing import NDArray
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
+from plugin.bundle_versions import Change
 from plugin.errors import ConfigError
 from plugin.imaging import ImageSpec, dataset_input
 from plugin.models.bundle import Manifest, OodFittedOn, OodSpec, load_bundle
@@ -99,6 +101,41 @@ def fit_ood(
         reference.n_heldout,
     )
     return FittedReference(written.manifest, fitted)
+
+
+def ood_change(
+    fitted: FittedReference,
+    parent: Manifest,
+    hyperparameters: Mapping[str, float | int | str | bool],
+) -> Change:
+    """What a new version's lineage says of its reference (``pacsclip model fit-ood``)."""
+    reference = fitted.fit.reference
+    spec = fitted.manifest.ood
+    description = spec.fitted_on.description if spec is not None else "images"
+    dropped = []
+    if parent.ood is not None:
+        dropped.append(
+            f"the parent's out-of-distribution reference (threshold {parent.ood.threshold:.3f}, "
+            f"{parent.ood.fitted_on.description}): replaced by the one fitted here"
+        )
+    summary = (
+        f"threshold {reference.threshold:.3f} ({reference.method} distance, "
+        f"{reference.quantile:g} quantile of {reference.n_heldout} held-out images, "
+        f"{100 * fitted.fit.heldout_pass_rate:.2f}% of them pass)"
+    )
+    return Change(
+        method=f"out-of-distribution reference ({reference.method} distance on "
+        f"{reference.features})",
+        data=f"{description}: {reference.n_fit} images to fit, {reference.n_heldout} held out",
+        examples=reference.n_fit + reference.n_heldout,
+        hyperparameters=hyperparameters,
+        evaluation={
+            "threshold": reference.threshold,
+            "heldout_pass_rate": fitted.fit.heldout_pass_rate,
+            "summary": summary,
+        },
+        dropped=dropped,
+    )
 
 
 def feature_rows(

@@ -5,6 +5,7 @@ Precedence: CLI overrides > environment (``PACSCLIP_*``) > TOML config file > de
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -260,6 +261,27 @@ class Settings(BaseSettings):
     )
     hl7_port: int | None = Field(None, ge=1, le=65535, description="HL7 MLLP port.")
     hl7_receiving_app: str = Field("RIS", description="HL7 receiving application.")
+
+    # Reports received as HL7 v2 ORU^R01 over MLLP (`pacsclip hl7-listen`)
+    hl7_listen_host: str = Field(
+        "127.0.0.1", description="Address `pacsclip hl7-listen` receives ORU^R01 reports on."
+    )
+    hl7_listen_port: int = Field(
+        2575, ge=0, le=65535, description="MLLP port of `pacsclip hl7-listen`."
+    )
+    hl7_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="JSON list of IP addresses that may send HL7 reports; empty: any (warned).",
+    )
+    hl7_tls_cert: Path | None = Field(
+        None, description="TLS certificate of the HL7 listener (with hl7_tls_key)."
+    )
+    hl7_tls_key: Path | None = Field(
+        None, description="TLS private key of the HL7 listener (with hl7_tls_cert)."
+    )
+    hl7_tls_ca: Path | None = Field(
+        None, description="CA that HL7 senders' client certificates must be signed by."
+    )
     worker_metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Prometheus port of a standalone worker (on api_host)."
     )
@@ -279,6 +301,19 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _hl7_listener(self) -> Settings:
+        if (self.hl7_tls_cert is None) != (self.hl7_tls_key is None):
+            raise ValueError("hl7_tls_cert and hl7_tls_key must be given together")
+        if self.hl7_tls_ca is not None and self.hl7_tls_cert is None:
+            raise ValueError("hl7_tls_ca needs hl7_tls_cert and hl7_tls_key")
+        for host in self.hl7_allowed_hosts:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ValueError(f"hl7_allowed_hosts: {host!r} is not an IP address") from exc
         return self
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Screenshots of the dashboard for the docs: worklist, a study page and operations.
+"""Screenshots of the dashboard for the docs: worklist, a study page, operations and validation.
 
 Run from the repository root with the project's virtualenv (needs Debian chromium,
 chromium-driver and dcmtk, which scripts/bootstrap installs):
@@ -8,7 +8,10 @@ chromium-driver and dcmtk, which scripts/bootstrap installs):
 Starts ``pacsclip serve`` with the built-in demo model (synthetic, not for clinical use) in a
 fresh data directory on free loopback ports, sends synthetic demo radiographs
 (``plugin.demo.radiographs``; made-up patients, two of them with a prior) with DCMTK storescu,
-waits for their analyses and saves what headless Chromium shows. Stops serve by its PID.
+waits for their analyses and saves what headless Chromium shows. For the validation page it
+then sends synthetic demo studies (``plugin.demo.studies``), imports their generated reports
+with ``pacsclip report import`` and shows how the demo model does against the labels read from
+them (floors lowered to five labels per class for this small sample). Stops serve by its PID.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from plugin.demo.radiographs import demo_cases, synthetic_radiograph  # noqa: E402
+from plugin.demo.studies import write_demo_studies  # noqa: E402
 from tests.peers.browser import chromium  # noqa: E402
 from tests.peers.dcmtk import echoscu, storescu  # noqa: E402
 from tests.peers.ports import free_port  # noqa: E402
@@ -51,6 +55,8 @@ PATIENTS = (
 )
 DEMO_SIZE = 128  # the demo model's input size
 SEED, STREAM = 7, 5  # cases no training or calibration stream of the demo model used
+VALIDATION_STUDIES = 80  # demo studies with reports, for the validation page
+VALIDATION_FLOOR = 5  # labeled positives and negatives a figure needs (20 by default)
 
 
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -119,6 +125,8 @@ def main() -> int:
                 [{"name": "pacs", "ae_title": "OFFLINE", "host": "127.0.0.1", "port": free_port()}]
             ),
             PACSCLIP_DISPATCH_MAX_RETRIES="0",
+            PACSCLIP_VALIDATION_MIN_POSITIVES=str(VALIDATION_FLOOR),
+            PACSCLIP_VALIDATION_MIN_NEGATIVES=str(VALIDATION_FLOOR),
         )
         log = (work / "serve.log").open("wb")
         serve = subprocess.Popen([PACSCLIP, "serve"], env=env, stdout=log, stderr=log)
@@ -134,18 +142,23 @@ def main() -> int:
                 storescu([path], "127.0.0.1", dicom_port, aec="PACSCLIP")
             present: dict[str, int] = {}
             for uid, _ in studies:
-
-                def analysed(uid: str = uid) -> dict[str, Any] | None:
-                    status, body = api_get(f"{api}/api/studies/{uid}", token)
-                    detail = json.loads(body) if status == 200 else {}
-                    return detail if detail.get("results") else None
-
-                detail = wait_until(analysed, 120, f"study {uid} was not analysed")
-                findings = detail["results"][0]["findings"]
+                findings = wait_analysed(api, token, uid)["results"][0]["findings"]
                 present[uid] = sum(f.get("decision") == "present" for f in findings)
             # The study page shown: a study with a prior, the one with more findings.
             with_prior = [studies[1][0], studies[4][0]]
             shoot(api, token, max(with_prior, key=lambda uid: present[uid]), args.out)
+
+            demo = write_demo_studies(work / "demo", VALIDATION_STUDIES, SEED)
+            storescu([demo.studies_dir], "127.0.0.1", dicom_port, aec="PACSCLIP")
+            for folder in sorted(demo.studies_dir.iterdir()):
+                wait_analysed(api, token, folder.name)
+            subprocess.run(
+                [PACSCLIP, "report", "import", str(demo.reports_csv)],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            shoot_validation(api, token, args.out)
         except TimeoutError:
             log.flush()
             print((work / "serve.log").read_text()[-3000:], file=sys.stderr)
@@ -161,24 +174,41 @@ def main() -> int:
     return 0
 
 
-def shoot(api: str, token: str, study_uid: str, out: Path) -> None:
+def wait_analysed(api: str, token: str, uid: str) -> dict[str, Any]:
+    def analysed() -> dict[str, Any] | None:
+        status, body = api_get(f"{api}/api/studies/{uid}", token)
+        detail = json.loads(body) if status == 200 else {}
+        return detail if detail.get("results") else None
+
+    detail: dict[str, Any] = wait_until(analysed, 120, f"study {uid} was not analysed")
+    return detail
+
+
+def login(driver: Any, api: str, token: str) -> None:
     from selenium.webdriver.common.by import By
+
+    driver.get(f"{api}/login")
+    driver.find_element(By.ID, "token").send_keys(token)
+    driver.find_element(By.ID, "login").click()
+    wait_until(lambda: driver.find_elements(By.ID, "worklist-rows"), 30, "no worklist")
+
+
+def images_loaded(driver: Any) -> bool:
+    return bool(
+        driver.execute_script(
+            "return [...document.images].every(i => i.complete && i.naturalWidth > 0);"
+        )
+    )
+
+
+def shoot(api: str, token: str, study_uid: str, out: Path) -> None:
 
     driver = chromium(window=(1400, 900))
     try:
-        driver.get(f"{api}/login")
-        driver.find_element(By.ID, "token").send_keys(token)
-        driver.find_element(By.ID, "login").click()
-        wait_until(lambda: driver.find_elements(By.ID, "worklist-rows"), 30, "no worklist")
+        login(driver, api, token)
         driver.save_screenshot(str(out / "dashboard-worklist.png"))
         driver.get(f"{api}/studies/{study_uid}")
-        wait_until(
-            lambda: driver.execute_script(
-                "return [...document.images].every(i => i.complete && i.naturalWidth > 0);"
-            ),
-            30,
-            "the study's images did not load",
-        )
+        wait_until(lambda: images_loaded(driver), 30, "the study's images did not load")
         driver.set_window_size(1400, 1900)
         driver.save_screenshot(str(out / "dashboard-study.png"))
         driver.set_window_size(1400, 1300)
@@ -188,6 +218,21 @@ def shoot(api: str, token: str, study_uid: str, out: Path) -> None:
         driver.quit()
     for name in ("worklist", "study", "operations"):
         print(out / f"dashboard-{name}.png")
+
+
+def shoot_validation(api: str, token: str, out: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = chromium(window=(1400, 1250))
+    try:
+        login(driver, api, token)
+        driver.get(f"{api}/validation")
+        wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "section.site"), 60, "no site")
+        wait_until(lambda: images_loaded(driver), 60, "the reliability plot did not load")
+        driver.save_screenshot(str(out / "dashboard-validation.png"))
+    finally:
+        driver.quit()
+    print(out / "dashboard-validation.png")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def revisit_router(settings: Settings, sessions: sessionmaker[Session]) -> APIRo
     def drift(
         model_ref: Annotated[str | None, Query(description="name@version; default newest.")] = None,
     ) -> dict[str, Any]:
-        from plugin.site_drift_report import drift_document
+        from plugin.validation.drift_report import drift_document
 
         with sessions() as session:
             try:

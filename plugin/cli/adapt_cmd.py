@@ -157,7 +157,7 @@ def adapt_promote(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate a site head on labelled images of its site; activate it if not worse."""
-    from plugin.site_head_promotion import promote_site_head
+    from plugin.validation.head_promotion import promote_site_head
 
     settings, model = _context(ctx, bundle)
     with exit_on_error(ValueError):
@@ -209,7 +209,7 @@ def adapt_drift(
     as_json: JsonFlag = False,
 ) -> None:
     """Per-site drift: cross-validated AUROC of telling a site's embeddings from the rest."""
-    from plugin.site_drift_report import drift_document
+    from plugin.validation.drift_report import drift_document
 
     settings = command_settings(ctx)
     with exit_on_error(ValueError), open_sessions(settings)() as session:

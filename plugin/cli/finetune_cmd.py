@@ -174,6 +174,7 @@ def model_promote(
     """Make a bundle the live (active) one: checksums, its eval vs its parent, then the go-live
     gate on the sites' report-label validation (pacsclip validate)."""
     from plugin.finetune.evaluation import format_comparison
+    from plugin.finetune.job import METHOD as FINETUNE_METHOD
     from plugin.models.registry import Registry
     from plugin.validation.services import check_golive
 
@@ -192,14 +193,21 @@ def model_promote(
         )
     lineage = report.manifest.lineage
     if lineage is None:
-        typer.echo(f"{ref} has no lineage (it was not made by `pacsclip model finetune`)")
-    else:
+        typer.echo(f"{ref} has no lineage (it was not derived from another bundle)")
+    elif lineage.method == FINETUNE_METHOD:
         typer.echo(
             f"{ref}: fine-tuned from {lineage.parent} on {lineage.pairs} pairs "
             f"({lineage.created}); {lineage.data}"
         )
         if lineage.evaluation:
             typer.echo(format_comparison(lineage.evaluation))
+    else:
+        # calibrate, fit-head, fit-ood, embed-prompts (plugin/bundle_versions.py)
+        typer.echo(
+            f"{ref}: {lineage.method}, from {lineage.parent} ({lineage.created}); {lineage.data}"
+        )
+        if "summary" in lineage.evaluation:
+            typer.echo(str(lineage.evaluation["summary"]))
         for note in lineage.dropped:
             typer.echo(f"not carried over: {note}")
     with exit_on_error():

@@ -17,6 +17,7 @@ import typer
 from plugin.cli.adapt_cmd import adapt_app
 from plugin.cli.common import JsonFlag, command_settings, fail, open_sessions, print_json
 from plugin.cli.demo_cmd import demo_app
+from plugin.cli.hl7_cmd import hl7_listen
 from plugin.cli.model_cmd import model_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.revisit_cmd import revisit_app
@@ -59,6 +60,7 @@ app.command()(validate)
 app.command()(monitor)
 app.command()(similar)
 app.command()(search)
+app.command("hl7-listen")(hl7_listen)
 
 
 @app.callback()

@@ -27,11 +27,12 @@ from plugin.models.bundle import (
     read_prompts_file,
     validate_model,
 )
-from plugin.models.registry import BundleReport, Registry, builtin_bundle_dirs, resolve_bundle
+from plugin.models.registry import BundleReport, Registry, resolve_bundle
 
 if TYPE_CHECKING:
-    # Not imported at run time until needed: it loads onnxruntime, which `model list` and
+    # Not imported at run time until needed: they load onnxruntime, which `model list` and
     # every other pacsclip command can do without.
+    from plugin.bundle_versions import Change, NewVersion
     from plugin.models.importers.onnx import OnnxImport
 
 # The commands import onnxruntime (runtime, importers, tuning, quantize) and torch (the demo
@@ -80,7 +81,8 @@ def model_info(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Manifest summary, model card, findings and checksums (exit 1 when a checksum fails)."""
+    """Manifest summary, model card, findings and checksums (exit 1 when a checksum fails or
+    the prompts were edited after their embeddings were written)."""
     registry = _registry(ctx)
     with exit_on_error():
         report = registry.info(name, version)
@@ -88,7 +90,16 @@ def model_info(
         print_json(_report_json(report))
     else:
         _print_report(report)
-    if not report.checksums_ok:
+    stale = report.manifest.stale_prompt_findings
+    if stale:
+        typer.echo(
+            f"error: the prompts of {', '.join(stale)} were edited after prompt_embeddings.npz "
+            "was computed from them, and scoring reads only the embeddings: put them back, or "
+            "embed them into a new version with `pacsclip model embed-prompts --bundle "
+            f"{report.entry.path}`",
+            err=True,
+        )
+    if not report.checksums_ok or stale:
         raise typer.Exit(1)
 
 
@@ -97,6 +108,7 @@ def _report_json(report: BundleReport) -> dict[str, Any]:
         **report.entry.as_dict(),
         "manifest": report.manifest.model_dump(mode="json"),
         "checksums_ok": report.checksums_ok,
+        "stale_prompts": report.manifest.stale_prompt_findings,
         "checksums": [
             {
                 "file": c.label,
@@ -133,6 +145,10 @@ def _print_report(report: BundleReport) -> None:
             f"images; fitted on {fitted.n}: {fitted.description})"
         )
     _print_findings(m)
+    if m.lineage is not None:
+        lineage = m.lineage
+        typer.echo(f"lineage: from {lineage.parent} ({lineage.created}): {lineage.method}")
+        typer.echo(f"  data: {lineage.data}")
     card = m.model_card
     typer.echo("model card:")
     typer.echo(f"  intended use: {card.intended_use}")
@@ -384,29 +400,67 @@ def _floats(option: str, text: str | None, default: tuple[float, ...]) -> list[f
 
 BundleOption = Annotated[
     Path | None,
-    typer.Option("--bundle", help="Bundle folder to change (default: the active bundle)."),
+    typer.Option(
+        "--bundle", help="Bundle folder to start from (default: the active bundle); only read."
+    ),
 ]
 LabelsOption = Annotated[
     Path, typer.Option("--labels", help="CSV: a 'path' column and 1/0 per finding column.")
 ]
+NewVersionOption = Annotated[
+    str | None,
+    typer.Option("--version", help="Version of the new bundle; default: the source's plus +TAGn."),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Write the new version to this new or empty folder instead of installing it.",
+    ),
+]
+ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime threads.")]
 
 
-def _writable_bundle(ctx: typer.Context, bundle: Path | None) -> Path:
-    """The folder of the bundle to rewrite: never the copy shipped inside the package."""
-    if bundle is None:
-        active = _registry(ctx).active()
-        if active is None:
-            typer.echo("error: no active bundle: pass --bundle DIR or activate one", err=True)
-            raise typer.Exit(2)
-        bundle = active.directory
-    if any(bundle.resolve() == d.resolve() for d in builtin_bundle_dirs()):
-        typer.echo(
-            "error: the built-in bundle is read-only: 'pacsclip model install' it (under a "
-            "new version) and calibrate that copy",
-            err=True,
-        )
+def _source_bundle(ctx: typer.Context, bundle: Path | None) -> Bundle:
+    """The bundle a new version is made from: ``--bundle DIR``, else the active one."""
+    if bundle is not None:
+        return load_bundle(bundle)
+    active = _registry(ctx).active()
+    if active is None:
+        typer.echo("error: no active bundle: pass --bundle DIR or activate one", err=True)
         raise typer.Exit(2)
-    return bundle
+    return active
+
+
+def _new_version(
+    ctx: typer.Context,
+    bundle: Path | None,
+    change: Callable[[Path], Change],
+    *,
+    tag: str,
+    version: str | None,
+    out: Path | None,
+) -> NewVersion:
+    """Copy the source bundle, change the copy, install it inactive (or write it to --out)."""
+    from plugin.bundle_versions import derive_version
+
+    with exit_on_error():
+        source = _source_bundle(ctx, bundle)
+        return derive_version(_registry(ctx), source, change, tag=tag, version=version, out=out)
+
+
+def _report_new_version(made: NewVersion) -> None:
+    m = made.manifest
+    if made.installed:
+        typer.echo(
+            f"installed {m.ref} (not active; pacsclip model promote {m.name} {m.version} "
+            "makes it live)"
+        )
+    else:
+        typer.echo(
+            f"wrote {m.ref} to {made.path} (not installed; pacsclip model install "
+            f"{made.path} adds it)"
+        )
 
 
 @model_app.command("calibrate")
@@ -414,21 +468,41 @@ def model_calibrate(
     ctx: typer.Context,
     labels: LabelsOption,
     bundle: BundleOption = None,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+    holdout: Annotated[
+        float,
+        typer.Option(help="Share of the labelled images held out to measure the fit (0-0.5)."),
+    ] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seeds the held-out split.")] = 0,
+    target_sensitivity: Annotated[
+        float | None,
+        typer.Option(
+            help="Each threshold: the highest reaching this sensitivity on the fitting images "
+            "(default: the one maximising Youden's J)."
+        ),
+    ] = None,
+    version: NewVersionOption = None,
+    out: OutOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
-    """Fit each labelled finding's temperature, bias and threshold on local images."""
+    """Fit each labelled finding's temperature, bias and threshold on local images, into a
+    new version (+calN) installed inactive; the source bundle is not changed."""
     from plugin.bundle_tuning import calibrate
+    from plugin.bundle_versions import CALIBRATE_TAG
 
-    directory = _writable_bundle(ctx, bundle)
-    with exit_on_error():
-        manifest = calibrate(directory, labels, threads=threads)
-    for finding in manifest.findings:
-        c = finding.calibration
-        if c.fitted_on:
-            typer.echo(
-                f"{finding.name}: temperature {c.temperature:.3f} bias {c.bias:.3f} "
-                f"threshold {c.threshold:.3f}"
-            )
+    def change(directory: Path) -> Change:
+        fitted = calibrate(
+            directory,
+            labels,
+            holdout=holdout,
+            seed=seed,
+            target_sensitivity=target_sensitivity,
+            threads=threads,
+        )
+        return fitted.change
+
+    made = _new_version(ctx, bundle, change, tag=CALIBRATE_TAG, version=version, out=out)
+    typer.echo(made.change.evaluation["summary"])
+    _report_new_version(made)
 
 
 @model_app.command("fit-head")
@@ -438,16 +512,21 @@ def model_fit_head(
     kind: Annotated[str, typer.Option(help="linear_probe or tip_adapter.")] = "linear_probe",
     bundle: BundleOption = None,
     activate: Annotated[bool, typer.Option(help="Use the head for triage.")] = True,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+    version: NewVersionOption = None,
+    out: OutOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
-    """Fit a few-shot head on cached embeddings of labelled images; store it versioned."""
+    """Fit a few-shot head on embeddings of labelled images, into a new version (+headN)
+    installed inactive; the source bundle is not changed."""
     from plugin.bundle_tuning import fit_head
+    from plugin.bundle_versions import HEAD_TAG
 
-    directory = _writable_bundle(ctx, bundle)
-    with exit_on_error():
-        head = fit_head(directory, labels, kind=kind, activate=activate, threads=threads)
-    state = "active" if activate else "stored, not active"
-    typer.echo(f"head {head.name}-v{head.version} for {', '.join(head.findings)} ({state})")
+    def change(directory: Path) -> Change:
+        return fit_head(directory, labels, kind=kind, activate=activate, threads=threads).change
+
+    made = _new_version(ctx, bundle, change, tag=HEAD_TAG, version=version, out=out)
+    typer.echo(made.change.method)
+    _report_new_version(made)
 
 
 @model_app.command("fit-ood")
@@ -455,7 +534,7 @@ def model_fit_ood(
     ctx: typer.Context,
     bundle: Annotated[
         Path | None,
-        typer.Argument(help="Bundle folder to change (default: the active bundle)."),
+        typer.Argument(help="Bundle folder to start from (default: the active bundle)."),
     ] = None,
     images: Annotated[
         Path | None,
@@ -476,18 +555,24 @@ def model_fit_ood(
         int, typer.Option(min=10, help="--demo: other phantoms to set the threshold on.")
     ] = 2000,
     seed: Annotated[int, typer.Option(help="Seeds the split (--images) or phantoms (--demo).")] = 0,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
+    version: NewVersionOption = None,
+    out: OutOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
-    """Fit the out-of-distribution reference that decides which studies are not scored."""
-    from plugin.bundle_ood import dicom_images, fit_ood, read_images, split_paths
+    """Fit the out-of-distribution reference that decides which studies are not scored, into
+    a new version (+oodN) installed inactive; the source bundle is not changed."""
+    from plugin.bundle_ood import dicom_images, fit_ood, ood_change, read_images, split_paths
+    from plugin.bundle_versions import OOD_TAG
     from plugin.demo.radiographs import fit_demo_ood
 
     if (images is None) == (not demo):
         typer.echo("error: give exactly one of --images DIR and --demo", err=True)
         raise typer.Exit(2)
-    directory = _writable_bundle(ctx, bundle)
     skipped: list[Path] = []
-    with exit_on_error():
+
+    def change(directory: Path) -> Change:
+        parent = load_bundle(directory).manifest
+        settings: dict[str, float | int | str | bool] = {"quantile": quantile, "seed": seed}
         if images is not None:
             fit_paths, heldout_paths = split_paths(dicom_images(images), heldout_fraction, seed)
             fitted = fit_ood(
@@ -498,6 +583,7 @@ def model_fit_ood(
                 quantile=quantile,
                 threads=threads,
             )
+            settings["heldout_fraction"] = heldout_fraction
         else:
             fitted = fit_demo_ood(
                 directory,
@@ -507,15 +593,38 @@ def model_fit_ood(
                 quantile=quantile,
                 threads=threads,
             )
+            settings["source"] = "demo phantoms"
+        return ood_change(fitted, parent, settings)
+
+    made = _new_version(ctx, bundle, change, tag=OOD_TAG, version=version, out=out)
     if skipped:
         typer.echo(f"skipped {len(skipped)} objects without pixel data")
-    reference = fitted.fit.reference
     typer.echo(
-        f"{fitted.manifest.ref}: out-of-distribution reference fitted on {reference.n_fit} "
-        f"images; threshold {reference.threshold:.3f} ({reference.method} distance, "
-        f"{quantile:g} quantile of {reference.n_heldout} held-out images, "
-        f"{100 * fitted.fit.heldout_pass_rate:.2f}% of them pass)"
+        f"{made.ref}: out-of-distribution reference fitted on {made.change.data}; "
+        f"{made.change.evaluation['summary']}"
     )
+    _report_new_version(made)
+
+
+@model_app.command("embed-prompts")
+def model_embed_prompts(
+    ctx: typer.Context,
+    bundle: BundleOption = None,
+    version: NewVersionOption = None,
+    out: OutOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Embed the findings' prompts as bundle.json has them (after editing them) with the
+    bundle's text encoder, into a new version (+promptsN) installed inactive."""
+    from plugin.bundle_tuning import embed_prompts_into
+    from plugin.bundle_versions import PROMPTS_TAG
+
+    def change(directory: Path) -> Change:
+        return embed_prompts_into(directory, threads=threads)
+
+    made = _new_version(ctx, bundle, change, tag=PROMPTS_TAG, version=version, out=out)
+    typer.echo(f"{made.change.method}: {made.change.data}")
+    _report_new_version(made)
 
 
 @model_app.command("quantize")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from plugin.cli.common import JsonFlag, command_settings, fail, open_sessions
+from plugin.cli.common import JsonFlag, command_settings, exit_on_error, fail, open_sessions
 from plugin.errors import PacsclipError
 
 # plugin.retrieval.service (the vector indexes, the catalog) is imported inside the functions:
@@ -167,13 +167,20 @@ def report_add(
         text = typer.get_text_stream("stdin").read() if str(file) == "-" else file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise fail(f"cannot read the report text: {exc}") from exc
-    with _service(ctx) as service:
-        answer = service.add_report(study_uid, text, source="api")
+    from plugin.validation.services import intake_for
+
+    settings = command_settings(ctx)
+    with exit_on_error(ValueError):
+        intake = intake_for(settings, open_sessions(settings))
+        outcome = intake.add(text, source="api", study_uid=study_uid)
+    if not outcome.linked:
+        raise fail(f"{outcome.reason}; the report is kept and linked when the study arrives", 1)
+    answer = {"report_id": outcome.report_id, "created": outcome.created}
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
-    state = "stored and indexed" if answer["created"] else "already stored"
-    typer.echo(f"report {answer['report_id']} {state}")
+    state = "stored, labeled and indexed" if outcome.created else "already stored"
+    typer.echo(f"report {outcome.report_id} {state}")
 
 
 def _print_model(answer: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
-"""The web dashboard: worklist, study pages and operations, server-rendered (Jinja2) beside the
-JSON API, with a few lines of plain JavaScript for live updates. No build step.
+"""The web dashboard: worklist, study pages, operations and validation, server-rendered
+(Jinja2) beside the JSON API, with a few lines of plain JavaScript for live updates. No build
+step.
 
 ``mount_dashboard`` adds its routes to the API's FastAPI app from explicit inputs; everything
 it needs reaches the routes through ``app.state.dashboard``.
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jinja2
 from fastapi import FastAPI, Request, Response
@@ -29,6 +30,9 @@ from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.metrics import PacsclipMetrics
 from plugin.retrieval.service import RetrievalService
 from plugin.settings import Settings
+
+if TYPE_CHECKING:
+    from plugin.dashboard.validation import ValidationSource
 
 PACKAGE: Final = Path(__file__).parent
 # Routing decision for one file: (header-only dataset, calling AE title) -> decision as a dict.
@@ -54,6 +58,7 @@ class Dashboard:
     retrieval: RetrievalService | None
     rule_tester: RuleTester | None
     enqueue_dispatch: DispatchEnqueuer | None
+    validation: ValidationSource
 
 
 def dashboard(request: Request) -> Dashboard:
@@ -99,7 +104,7 @@ def mount_dashboard(
     rule_tester: RuleTester | None = None,
     enqueue_dispatch: DispatchEnqueuer | None = None,
 ) -> None:
-    from plugin.dashboard import operations, pages
+    from plugin.dashboard import operations, pages, validation
 
     history = MetricsHistory(metrics.registry)
     app.state.dashboard = Dashboard(
@@ -112,9 +117,11 @@ def mount_dashboard(
         retrieval=retrieval,
         rule_tester=rule_tester,
         enqueue_dispatch=enqueue_dispatch,
+        validation=validation.ValidationSource(settings, sessions),
     )
     app.include_router(pages.router())
     app.include_router(operations.router())
+    app.include_router(validation.router())
     app.mount("/static", StaticFiles(directory=PACKAGE / "static"), name="static")
     app.add_exception_handler(LoginRequired, _to_login)
     app.middleware("http")(_security_headers)

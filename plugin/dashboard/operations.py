@@ -161,7 +161,7 @@ def _rule_error(board: Dashboard, request: Request, viewer: Any, message: str) -
 
 
 def _drift(session: Any) -> dict[str, Any]:
-    from plugin.site_drift_report import drift_document
+    from plugin.validation.drift_report import drift_document
 
     try:
         return drift_document(session, folds=DRIFT_FOLDS)
@@ -192,7 +192,7 @@ async def promote_head(
     force: Annotated[bool, Form()] = False,
 ) -> HTMLResponse:
     """Validate a site head on uploaded labels of its site; activate it if not worse."""
-    from plugin.site_head_promotion import promote_site_head
+    from plugin.validation.head_promotion import promote_site_head
 
     if board.retrieval is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="no model is configured")

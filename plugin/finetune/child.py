@@ -9,7 +9,6 @@ tuned model, so it is left out, and the lineage says so.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,12 @@ from plugin.finetune.folding import (
     fold_into_text_tower,
 )
 from plugin.models.bundle import Bundle, Calibration, Finding, Lineage, Manifest
-from plugin.models.bundle_writer import pin_file, write_bundle, write_prompt_embeddings
+from plugin.models.bundle_writer import (
+    copy_bundle,
+    pin_file,
+    write_bundle,
+    write_prompt_embeddings,
+)
 from plugin.models.runtime import PromptEmbeddings
 
 # Reports of an earlier fine-tuning sit beside the bundle they describe; a child gets its own.
@@ -52,15 +56,7 @@ def write_tuned_bundle(
     skipped = {"bundle.json", "heads", EVAL_JSON, EVAL_TEXT}
     if m.ood is not None:
         skipped.add(m.ood.file.path)
-    shutil.copytree(
-        parent.directory,
-        dest,
-        ignore=lambda folder, names: [
-            n
-            for n in names
-            if (Path(folder) / n).relative_to(parent.directory).as_posix() in skipped
-        ],
-    )
+    copy_bundle(parent, dest, skipped)
     files = m.files
     if not is_identity(adapters.image):
         fold_into_image_tower(

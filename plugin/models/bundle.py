@@ -189,6 +189,9 @@ class Finding(_Strict):
     stat_threshold: Probability | None = None
     # Words that name the finding in a radiology report, beyond the report labeler's defaults.
     report_terms: list[str] = Field(default_factory=list)
+    # SHA-256 of the prompt texts prompt_embeddings.npz holds for this finding (prompts_digest),
+    # written with the embeddings; absent from bundles whose embeddings did not record it.
+    embedded_prompts_sha256: str | None = Field(None, exclude_if=lambda value: value is None)
 
     @field_validator("templates")
     @classmethod
@@ -201,10 +204,30 @@ class Finding(_Strict):
                 )
         return value
 
+    @field_validator("embedded_prompts_sha256")
+    @classmethod
+    def _prompts_digest(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_RE.match(value):
+            raise ValueError(f"must be 64 lowercase hex digits; got {value!r}")
+        return value
+
     def prompt_texts(self, positive: bool) -> list[str]:
         """Every template filled with every prompt of one set, templates outermost."""
         prompts = self.positive_prompts if positive else self.negative_prompts
         return [t.replace("{}", p) for t in self.templates for p in prompts]
+
+    def prompts_digest(self) -> str:
+        """SHA-256 of the texts that are embedded for this finding (both sets, in order)."""
+        texts = {"positive": self.prompt_texts(True), "negative": self.prompt_texts(False)}
+        encoded = json.dumps(texts, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+    @property
+    def prompts_match_embeddings(self) -> bool:
+        """False when the prompts were edited after their embeddings were written (an
+        unrecorded digest, in older bundles, counts as a match)."""
+        recorded = self.embedded_prompts_sha256
+        return recorded is None or recorded == self.prompts_digest()
 
 
 class PriorityPolicy(_Strict):
@@ -231,16 +254,19 @@ class ModelCard(_Strict):
 
 
 class Lineage(_Strict):
-    """Where a derived bundle came from (``pacsclip model finetune``): enough to trace it back to
-    its parent and to the data it was tuned on, without any patient data."""
+    """Where a derived bundle came from (``pacsclip model finetune``, ``calibrate``,
+    ``fit-head``, ``fit-ood``, ``embed-prompts``): enough to trace it back to its parent and to
+    the data it was fitted on, without any patient data."""
 
     parent: str = Field(min_length=3)  # "name@version"
     parent_manifest_sha256: str
     method: str = Field(min_length=1)
     hyperparameters: dict[str, float | int | str | bool]
-    pairs: int = Field(ge=1)  # image-report pairs used, training and held-out together
-    data: str = Field(min_length=1)  # what the pairs were, in words (never a patient's data)
-    created: str = Field(min_length=1)  # ISO date
+    # Examples used, fitting and held-out together: image-report pairs (finetune), labelled
+    # images (calibrate, fit-head), images (fit-ood), prompt texts (embed-prompts).
+    pairs: int = Field(ge=1)
+    data: str = Field(min_length=1)  # what the examples were, in words (never a patient's data)
+    created: str = Field(min_length=1)  # ISO date, or date and time
     dropped: list[str] = Field(default_factory=list)  # parent parts not carried over, and why
     evaluation: dict[str, Any] = Field(default_factory=dict)  # held-out summary vs the parent
 
@@ -362,6 +388,11 @@ class Manifest(_Strict):
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def stale_prompt_findings(self) -> list[str]:
+        """Findings whose prompts differ from those their stored embeddings were computed from."""
+        return [f.name for f in self.findings if not f.prompts_match_embeddings]
 
     def head(self, label: str) -> HeadRef | None:
         """The head called ``name-vN``."""

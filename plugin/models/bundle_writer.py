@@ -1,9 +1,10 @@
 """Writing model bundles: copy files in, pin them by SHA-256, write ``bundle.json``.
 
-Everything that produces or changes a bundle writes it through here: the importers
-(:mod:`plugin.models.importers`), the demo model's packaging, quantisation, calibration and
-few-shot heads. :mod:`plugin.models.bundle` reads and verifies what this module writes
-(docs/model-bundle.md).
+Everything that produces a bundle writes it through here: the importers
+(:mod:`plugin.models.importers`), the demo model's packaging, quantisation, and the new versions
+that fine-tuning, calibration, few-shot heads, out-of-distribution references and re-embedded
+prompts make of an existing bundle (:func:`copy_bundle`, then :func:`write_bundle`).
+:mod:`plugin.models.bundle` reads and verifies what this module writes (docs/model-bundle.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -20,6 +22,7 @@ import numpy as np
 from plugin.models.bundle import (
     MANIFEST_NAME,
     Bundle,
+    BundleError,
     FileRef,
     Manifest,
     load_bundle,
@@ -67,13 +70,34 @@ def write_prompt_embeddings(path: Path, prompts: PromptEmbeddings) -> None:
 
 
 def add_prompt_embeddings(bundle: Bundle, prompts: PromptEmbeddings) -> Bundle:
-    """Write the bundle's prompt_embeddings.npz, pin it in the manifest, load it again."""
+    """Write the bundle's prompt_embeddings.npz (``prompts``: embeddings of every finding's
+    ``prompt_texts``), pin it, record each finding's ``prompts_digest``, load it again."""
     write_prompt_embeddings(bundle.directory / PROMPT_EMBEDDINGS_FILE, prompts)
     manifest = bundle.manifest
     files = manifest.files.model_copy(
         update={"prompt_embeddings": pin_file(bundle.directory, PROMPT_EMBEDDINGS_FILE)}
     )
-    return write_bundle(bundle.directory, manifest.model_copy(update={"files": files}))
+    findings = [
+        f.model_copy(update={"embedded_prompts_sha256": f.prompts_digest()})
+        for f in manifest.findings
+    ]
+    update = {"files": files, "findings": findings}
+    return write_bundle(bundle.directory, manifest.model_copy(update=update))
+
+
+def copy_bundle(bundle: Bundle, dest: Path, skip: Collection[str] = ()) -> None:
+    """Copy the folder of ``bundle`` to the new folder ``dest``, leaving out the paths in
+    ``skip`` (relative, '/'-separated); the source is only read."""
+    if dest.exists():
+        raise BundleError(f"{dest} exists: a new bundle version needs a new folder")
+    source = bundle.directory
+    shutil.copytree(
+        source,
+        dest,
+        ignore=lambda folder, names: [
+            n for n in names if (Path(folder) / n).relative_to(source).as_posix() in skip
+        ],
+    )
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:

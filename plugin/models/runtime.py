@@ -323,13 +323,15 @@ class PromptEmbeddings:
 
     @classmethod
     def load(cls, bundle: Bundle) -> PromptEmbeddings:
-        """Read the bundle's prompt_embeddings.npz; every finding must have both sets."""
+        """Read the bundle's prompt_embeddings.npz; every finding must have both sets, and
+        the prompts in bundle.json must be those the embeddings were computed from."""
         path = bundle.prompt_embeddings_path
         if path is None:
             raise BundleError(
                 f"{bundle.ref} has no prompt_embeddings.npz; embed its prompts with its text "
                 "encoder instead"
             )
+        check_prompts_embedded(bundle)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: np.asarray(npz[key]) for key in npz.files}
         positive, negative = {}, {}
@@ -343,6 +345,20 @@ class PromptEmbeddings:
         if name not in self.positive:
             raise KeyError(f"no prompt embeddings for finding {name!r}")
         return self.positive[name], self.negative[name]
+
+
+def check_prompts_embedded(bundle: Bundle) -> None:
+    """Refuse a bundle whose prompts were edited after their embeddings were written: scoring
+    reads only the embeddings, so the edit would be silently ignored."""
+    stale = bundle.manifest.stale_prompt_findings
+    if stale:
+        raise BundleError(
+            f"{bundle.ref} in {bundle.directory}: the prompts of {', '.join(stale)} in "
+            "bundle.json are not those prompt_embeddings.npz was computed from, and scoring "
+            "reads only the embeddings. Put the prompts back as they were, or embed the edited "
+            "prompts into a new version (this folder is only read): `pacsclip model "
+            f"embed-prompts --bundle {bundle.directory}`"
+        )
 
 
 def _prompt_array(arrays: Mapping[str, npt.NDArray[Any]], key: str, bundle: Bundle) -> FloatArray:

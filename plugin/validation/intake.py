@@ -120,7 +120,12 @@ class ReportIntake:
                     reason=reason or "",
                 )
                 session.commit()
-                logger.info("report from %s kept unlinked: %s", source, reason)
+                # The reason names the accession number: not for the log.
+                logger.info(
+                    "report from %s kept until its study (by %s) arrives",
+                    source,
+                    "study UID" if study_uid else "accession number",
+                )
                 return Intake(False, study_uid, reason=reason)
             report_id, created = stored_reports.keep_report(session, study_id, source, digest, text)
             session.commit()

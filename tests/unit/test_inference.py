@@ -212,14 +212,21 @@ def test_calibrate_fits_labelled_findings_and_keeps_the_bundle_valid(
         calibrate(bundle_dir, labels, threads=1)  # that column has no positive
     labels.write_text(re.sub(r",[^,]*$", "", labels.read_text(), flags=re.MULTILINE))
 
-    calibrate(bundle_dir, labels, threads=1)
+    fitted = calibrate(bundle_dir, labels, threads=1)
 
     manifest = load_bundle(bundle_dir).manifest  # checksums still verify
     effusion = next(f for f in manifest.findings if f.name == "pleural_effusion")
     untouched = next(f for f in manifest.findings if f.name == "pneumothorax")
     assert effusion.calibration.fitted_on is not None
-    assert "labels.csv (12 images" in effusion.calibration.fitted_on
+    assert "labels.csv (10 images, 2 held out" in effusion.calibration.fitted_on
     assert untouched.calibration.fitted_on is None
+    assert list(fitted.change.evaluation["findings"]) == ["pleural_effusion"]
+    assert fitted.change.evaluation["findings"]["pleural_effusion"]["heldout"]["images"] == 2
+
+    calibrate(bundle_dir, labels, holdout=0.0, threads=1)  # no held-out share: fit on all 12
+    effusion = load_bundle(bundle_dir).manifest.findings[0]
+    assert effusion.calibration.fitted_on is not None
+    assert "labels.csv (12 images, 0 held out" in effusion.calibration.fitted_on
 
 
 def test_fit_head_stores_a_versioned_head_that_triage_then_uses(
@@ -233,8 +240,8 @@ def test_fit_head_stores_a_versioned_head_that_triage_then_uses(
     # A head needs every label, positives and negatives: keep the effusion column only.
     labels.write_text(re.sub(r",[^,]*$", "", labels.read_text(), flags=re.MULTILINE))
 
-    first = fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
-    second = fit_head(bundle_dir, labels, kind="linear_probe", threads=1)
+    first = fit_head(bundle_dir, labels, kind="linear_probe", threads=1).head
+    second = fit_head(bundle_dir, labels, kind="linear_probe", threads=1).head
 
     assert (first.version, second.version) == (1, 2)
     bundle = load_bundle(bundle_dir)

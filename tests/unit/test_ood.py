@@ -358,20 +358,46 @@ def _fit_ood_cli(data_dir: Path, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_fit_ood_pins_a_reference_fitted_on_the_sites_images(
+def test_fit_ood_installs_a_new_version_with_a_reference_fitted_on_the_sites_images(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
+    from plugin.models.registry import Registry
+    from tests.unit.test_bundle_versions import file_digests
+
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    before = file_digests(bundle)
     images = _images(tmp_path / "images", 60)
 
     code, output = _fit_ood_cli(tmp_path / "data", str(bundle), "--images", str(images))
 
     assert code == 0, output
-    assert "tiny-clip@1.0.0: out-of-distribution reference fitted on 30 images" in output
-    manifest = load_bundle(bundle).manifest  # pinned: the checksums verify
+    assert file_digests(bundle) == before  # the source is only read
+    assert load_bundle(bundle).manifest.ood is None
+    text = " ".join(output.split())
+    assert (
+        "tiny-clip@1.0.0+ood1: out-of-distribution reference fitted on images: DICOM images, "
+        "held-out fraction 0.5: 30 images to fit, 30 held out; threshold"
+    ) in text
+    assert (
+        "installed tiny-clip@1.0.0+ood1 (not active; pacsclip model promote tiny-clip "
+        "1.0.0+ood1 makes it live)"
+    ) in text
+    registry = Registry.for_data_dir(tmp_path / "data")
+    entry = registry.info("tiny-clip", "1.0.0+ood1").entry
+    assert not entry.active
+    child = load_bundle(entry.path)  # pinned: the checksums verify
+    manifest = child.manifest
     assert manifest.ood is not None
     assert (manifest.ood.fitted_on.n, manifest.ood.fitted_on.heldout_n) == (30, 30)
-    model = TriageModel(load_bundle(bundle), threads=1)
+    assert manifest.lineage is not None and manifest.lineage.parent == "tiny-clip@1.0.0"
+    assert manifest.lineage.pairs == 60
+    assert manifest.lineage.hyperparameters == {
+        "quantile": 0.995,
+        "seed": 0,
+        "heldout_fraction": 0.5,
+    }
+    assert manifest.lineage.evaluation["threshold"] == manifest.ood.threshold
+    model = TriageModel(child, threads=1)
     assert model.ood is not None and model.ood.threshold == manifest.ood.threshold
     # A site image like those it was fitted on is scored; a real CT is not.
     assert model.triage([dcmread(next(images.iterdir()))], saliency=False).scored
@@ -388,12 +414,19 @@ def test_fit_ood_pins_a_reference_fitted_on_the_sites_images(
         (["--images", "{few}"], "at least 20 images to fit and 10 held out, got 3 and 2"),
         (["--images", "{notes}"], "cannot read .*notes.txt as DICOM"),
         (["--images", "{missing}"], "is not a folder of DICOM images"),
+        (["--demo"], "tiny-clip@1.0.0 is not a synthetic bundle"),
     ],
 )
 def test_fit_ood_errors_say_what_to_fix(
     tiny_bundle: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
+    from tests.unit.test_bundle_versions import file_digests
+
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["synthetic"] = False
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    before = file_digests(bundle)
     few = _images(tmp_path / "few", 5)
     (few / "notes.txt").write_text("not DICOM")
     folders = {"few": str(_images(tmp_path / "five", 5)), "notes": str(few)}
@@ -404,11 +437,36 @@ def test_fit_ood_errors_say_what_to_fix(
 
     assert code == 2
     assert re.search(message, " ".join(output.split())), output
-    assert load_bundle(bundle).manifest.ood is None  # nothing half-written
+    assert file_digests(bundle) == before
+    models = tmp_path / "data" / "models"
+    assert not models.exists() or not [p for p in models.iterdir() if p.is_dir()]  # no version
 
 
-def test_fit_ood_refuses_the_built_in_bundle(tmp_path: Path) -> None:
-    code, output = _fit_ood_cli(tmp_path / "data", str(DEMO_BUNDLE_DIR), "--demo")
+def test_fit_ood_on_the_built_in_bundle_leaves_it_as_it_is(tmp_path: Path) -> None:
+    from tests.unit.test_bundle_versions import file_digests
 
-    assert code == 2
-    assert "the built-in bundle is read-only" in output
+    before = file_digests(DEMO_BUNDLE_DIR)
+    out = tmp_path / "refitted"
+
+    code, output = _fit_ood_cli(
+        tmp_path / "data",
+        str(DEMO_BUNDLE_DIR),
+        "--demo",
+        "--n-fit",
+        "40",
+        "--n-heldout",
+        "20",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    )
+
+    assert code == 0, output
+    assert file_digests(DEMO_BUNDLE_DIR) == before
+    demo = load_bundle(DEMO_BUNDLE_DIR).manifest
+    child = load_bundle(out).manifest
+    assert child.version == f"{demo.version}+ood1"
+    assert child.ood is not None and child.ood.fitted_on.n == 40
+    assert child.lineage is not None and child.lineage.parent == demo.ref
+    assert child.lineage.dropped and "replaced" in child.lineage.dropped[0]

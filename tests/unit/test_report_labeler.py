@@ -91,7 +91,7 @@ def test_every_finding_of_the_vocabulary_gets_an_answer(labeler: ReportLabeler) 
 def test_empty_or_non_text_reports_are_refused_with_a_reason(
     labeler: ReportLabeler, text: object
 ) -> None:
-    with pytest.raises(ReportRefused, match="empty|text|NUL"):
+    with pytest.raises(ReportRefused, match=r"empty|text|NUL"):
         labeler.label(text)  # type: ignore[arg-type]
 
 

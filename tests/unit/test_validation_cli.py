@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from plugin.catalog.db import open_catalog
-from plugin.catalog.models import Analysis, Site, Study
+from plugin.catalog.models import Analysis, ReportLabels, Site, Study
 from plugin.cli.main import app
 from plugin.models.registry import builtin_bundle_dirs
 from plugin.settings import Settings
@@ -130,3 +130,28 @@ def test_shadow_models_are_listed_per_site_and_refused_for_the_live_one(tmp_path
     assert cli(data, "model", "shadow", "pacsclip-demo", "2026.12.0-candidate", *opts)[0] == 0
     code, out = cli(data, "model", "list", "--json")
     assert all(e["shadow_sites"] == [] for e in json.loads(out))
+
+
+def test_report_add_labels_the_report_and_keeps_one_for_an_unknown_study(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    catalog = open_catalog(Settings(data_dir=data).effective_database_url)
+    uid = generate_uid()
+    with catalog.sessions.begin() as session:
+        session.add(
+            Study(
+                study_instance_uid=uid, site=Site(key="s"), state="analysed", calling_ae_title="A"
+            )
+        )
+    text = tmp_path / "report.txt"
+    text.write_text("IMPRESSION: Small right pneumothorax.")
+
+    code, out = cli(data, "report", "add", uid, str(text))
+    assert code == 0, out
+    assert "stored, labeled and indexed" in out
+    with catalog.sessions() as session:
+        (labels,) = session.query(ReportLabels).all()
+    assert labels.labels["pneumothorax"] == "present"
+
+    code, out = cli(data, "report", "add", "1.2.3.999", str(text))
+    assert code == 1
+    assert "no study 1.2.3.999 in the catalog; the report is kept" in out
