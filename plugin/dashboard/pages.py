@@ -267,7 +267,14 @@ def study_page(study_uid: str, request: Request, board: Board, viewer: PageViewe
             session,
             [m["study_instance_uid"] for m in similar if not m.get("best_image")],
         )
-    newest = results[0] if results else None
+    # Shadow models' results are for validation only: never shown as the study's findings.
+    live = [r for r in results if r.get("role", "live") == "live"]
+    newest = live[0] if live else None
+    shadows = [
+        r
+        for r in results
+        if r.get("role") == "shadow" and (newest is None or r["generation"] == newest["generation"])
+    ]
     return render(
         board,
         request,
@@ -276,7 +283,8 @@ def study_page(study_uid: str, request: Request, board: Board, viewer: PageViewe
         study=detail,
         header=header,
         newest=newest,
-        results=results,
+        results=live,
+        shadows=shadows,
         sr=_sr_tree(board, study_uid, newest),
         similar=similar,
         similar_note=similar_note,

@@ -411,3 +411,35 @@ def test_metrics_history_keeps_the_last_hour() -> None:
     assert xs == sorted(xs) and xs[0] == 0.0 and xs[-1] == 240.0
     history.sample_if_due()  # not due: no new sample
     assert len(history.series()[0].points) == 61
+
+
+def test_a_shadow_model_is_shown_as_shadow_never_as_the_study_findings(world: World) -> None:
+    with world.catalog.sessions.begin() as session:
+        study = session.query(Study).filter_by(study_instance_uid=world.study_uid).one()
+        session.add(
+            Analysis(
+                study_id=study.id,
+                generation=1,  # the live analysis's generation
+                algorithm_name="tiny-candidate",
+                algorithm_version="2.0",
+                synthetic=True,
+                priority="routine",
+                triggered_by=[],
+                findings=[
+                    {"name": "consolidation", "probability": 0.73, "threshold": 0.5},
+                    {"name": "nodule", "probability": 0.2, "threshold": 0.5},
+                ],
+                role="shadow",
+            )
+        )
+    client = world.client()
+    login(client)
+
+    page = client.get(f"/studies/{world.study_uid}").text
+
+    findings = page[page.index('id="result-algorithm"') : page.index('id="shadow-results"')]
+    assert "tiny-demo 1.0" in findings and "tiny-candidate" not in findings
+    assert "0.730" not in findings
+    shadow = page[page.index('id="shadow-results"') :]
+    assert "tiny-candidate 2.0" in shadow and "consolidation 0.73" in shadow
+    assert "nothing of" in shadow
