@@ -132,28 +132,17 @@ def record_analysis(
     False); LookupError when the study is not in the catalog.
     """
     study = _study(session, study_uid)
-    analysis = Analysis(
-        study_id=study.id,
-        generation=new.generation,
-        algorithm_name=new.algorithm_name,
-        algorithm_version=new.algorithm_version,
-        synthetic=new.synthetic,
-        priority=new.priority,
-        triggered_by=new.triggered_by,
-        findings=new.findings,
-        ood=new.ood,
-        duration_s=new.duration_s,
-        objects=[
-            ResultObject(
-                kind=o.kind,
-                sop_instance_uid=o.sop_instance_uid,
-                series_instance_uid=o.series_instance_uid,
-                path=o.path,
-            )
-            for o in new.objects
-        ],
-        jobs=[DispatchJob(destination=name, state="pending") for name in new.destinations],
-    )
+    analysis = _analysis_row(study.id, new, LIVE)
+    analysis.objects = [
+        ResultObject(
+            kind=o.kind,
+            sop_instance_uid=o.sop_instance_uid,
+            series_instance_uid=o.series_instance_uid,
+            path=o.path,
+        )
+        for o in new.objects
+    ]
+    analysis.jobs = [DispatchJob(destination=name, state="pending") for name in new.destinations]
     session.add(analysis)
     keep_image_embeddings(
         session,
@@ -198,27 +187,29 @@ def record_shadow_analysis(session: Session, study_uid: str, new: NewAnalysis) -
     study = _study(session, study_uid)
     if find_analysis(session, study.id, new.generation, new.algorithm_name, new.algorithm_version):
         return False
-    session.add(
-        Analysis(
-            study_id=study.id,
-            generation=new.generation,
-            algorithm_name=new.algorithm_name,
-            algorithm_version=new.algorithm_version,
-            synthetic=new.synthetic,
-            priority=new.priority,
-            triggered_by=new.triggered_by,
-            findings=new.findings,
-            ood=new.ood,
-            duration_s=new.duration_s,
-            role=SHADOW,
-        )
-    )
+    session.add(_analysis_row(study.id, new, SHADOW))
     try:
         session.commit()
     except IntegrityError:  # a redelivered task recorded it at the same time
         session.rollback()
         return False
     return True
+
+
+def _analysis_row(study_id: int, new: NewAnalysis, role: str) -> Analysis:
+    return Analysis(
+        study_id=study_id,
+        generation=new.generation,
+        algorithm_name=new.algorithm_name,
+        algorithm_version=new.algorithm_version,
+        synthetic=new.synthetic,
+        priority=new.priority,
+        triggered_by=new.triggered_by,
+        findings=new.findings,
+        ood=new.ood,
+        duration_s=new.duration_s,
+        role=role,
+    )
 
 
 def _study(session: Session, study_uid: str) -> Study:

@@ -71,11 +71,7 @@ def keep_unlinked(
     reason: str,
 ) -> tuple[int, bool]:
     """Keep a report that names no known study; the same text from the same source once."""
-    found = session.scalar(
-        select(UnlinkedReport.id).where(
-            UnlinkedReport.source == source, UnlinkedReport.digest == digest
-        )
-    )
+    found = _unlinked_id(session, source, digest)
     if found is not None:
         return found, False
     row = UnlinkedReport(
@@ -89,18 +85,21 @@ def keep_unlinked(
     session.add(row)
     try:
         session.flush()
-    except IntegrityError:  # the same report arrived twice at once
+    except IntegrityError:  # the same report arrived twice at once: keep the first
         session.rollback()
-        return keep_unlinked(
-            session,
-            source=source,
-            study_uid=study_uid,
-            accession=accession,
-            digest=digest,
-            text=text,
-            reason=reason,
-        )
+        first = _unlinked_id(session, source, digest)
+        if first is None:
+            raise
+        return first, False
     return row.id, True
+
+
+def _unlinked_id(session: Session, source: str, digest: str) -> int | None:
+    return session.scalar(
+        select(UnlinkedReport.id).where(
+            UnlinkedReport.source == source, UnlinkedReport.digest == digest
+        )
+    )
 
 
 @dataclass(frozen=True)
