@@ -5,11 +5,9 @@ messages are refused; SIGTERM stops it with exit code 0."""
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import hl7
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -17,24 +15,13 @@ from sqlalchemy import select
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.models import ReportLabels, Site, Study, StudyReport, UnlinkedReport
 from plugin.hl7_inbound.inbox import inbox_dir
-from plugin.notify.hl7 import END_BLOCK, START_BLOCK
+from tests.peers.hl7_client import ACK_TIMEOUT_S, exchange, oru
 from tests.peers.pacsclip_process import PacsclipProcess, pacsclip_env, wait_until
 from tests.peers.ports import free_port
 
 pytest.importorskip("medspacy", reason="the report labeler runs on medspacy (scripts/bootstrap)")
 
 START_TIMEOUT_S = 180  # imports, the catalog and the labeler (medspacy) before it listens
-ACK_TIMEOUT_S = 60
-
-
-def oru(control_id: str, accession: str, text: str) -> bytes:
-    segments = [
-        f"MSH|^~\\&|RIS|GENERAL|PACSCLIP|GENERAL|20250304050607||ORU^R01^ORU_R01|{control_id}|P|2.5",
-        "PID|1||PID-77^^^GENERAL||DOE^JANE",
-        f"OBR|1|PLACER-{control_id}|{accession}^RIS|71020^Chest 2 views^L",
-        f"OBX|1|TX|18782-3^Radiology Study observation^LN||{text}||||||F",
-    ]
-    return "\r".join(segments).encode() + b"\r"
 
 
 ADT = (
@@ -56,24 +43,6 @@ def add_study(catalog: Catalog, accession: str) -> str:
             )
         )
     return uid
-
-
-def exchange(conn: socket.socket, raw: bytes) -> tuple[str, str, str]:
-    """Send one MLLP-framed message and read its ACK: (MSA-1, MSA-2, MSA-3)."""
-    conn.sendall(START_BLOCK + raw + END_BLOCK)
-    buffer = b""
-    deadline = time.monotonic() + ACK_TIMEOUT_S
-    while END_BLOCK not in buffer:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no ACK within {ACK_TIMEOUT_S} s")
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError("the listener closed the connection without an ACK")
-        buffer += chunk
-    assert buffer.startswith(START_BLOCK)
-    ack = hl7.parse(buffer[len(START_BLOCK) : buffer.index(END_BLOCK)].decode())
-    msa = ack.segment("MSA")
-    return str(msa[1]), str(msa[2]), ack.unescape(str(msa[3])) if len(msa) > 3 else ""
 
 
 class Listener:

@@ -1,5 +1,6 @@
 """Local validation through real processes: studies sent by DCMTK storescu, reports arriving as
-SRs from Orthanc and as a CSV, a shadow model beside the live one, and `pacsclip validate`.
+SRs from Orthanc, as HL7 ORU^R01 messages to `pacsclip hl7-listen` and as a CSV, a shadow model
+beside the live one, and `pacsclip validate`.
 
 Nothing of the shadow model may reach the PACS: every object pacsclip stores into Orthanc names
 the live model's version, none the shadow's.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,7 +28,9 @@ from plugin.catalog.models import StudyReport
 from plugin.demo.studies import write_demo_studies
 from plugin.models.registry import builtin_bundle_dirs
 from tests.integration.conftest import PACSCLIP, Pipeline, worker_env
+from tests.peers.hl7_client import exchange, oru
 from tests.peers.orthanc import OrthancServer
+from tests.peers.pacsclip_process import PacsclipProcess, wait_until
 from tests.peers.ports import free_port
 
 pytest.importorskip("medspacy", reason="the report labeler runs on medspacy (scripts/bootstrap)")
@@ -123,12 +127,42 @@ def test_validate_reports_live_and_shadow_and_no_shadow_result_reaches_the_pacs(
             report_sr(image, text).save_as(sr, enforce_file_format=True)
             stored = orthanc.upload(sr)
             orthanc.store_to_modality("pacsclip", [stored["ID"]])
+        # Three more as HL7 ORU^R01 from the RIS, naming the study by its accession number.
+        accessions = {
+            row.split(",")[0]: row.split(",")[1]
+            for row in (demo_dir / "truth.csv").read_text().splitlines()[1:]
+        }
+        hl7_port = free_port()
+        hl7_log = tmp_path / "hl7-listen.log"
+        listener = PacsclipProcess(
+            ["hl7-listen", "--host", "127.0.0.1", "--port", str(hl7_port)],
+            worker_env(run.settings, run.bundle),
+            hl7_log,
+        )
+        listener.start()
+        try:
+            wait_until(
+                lambda: (
+                    f"listening on 127.0.0.1:{hl7_port}" in hl7_log.read_text()
+                    or not listener.alive()
+                ),
+                180,
+                "pacsclip hl7-listen listening",
+            )
+            with socket.create_connection(("127.0.0.1", hl7_port), timeout=60) as conn:
+                for n, line in enumerate(reports[3:6]):
+                    uid, text = line.split(",", 1)
+                    code, control, _ = exchange(conn, oru(f"ORU{n}", accessions[uid], text))
+                    assert (code, control) == ("AA", f"ORU{n}")
+        finally:
+            stopped = listener.stop(timeout_s=30)
+        assert stopped == 0, hl7_log.read_text()[-3000:]
         csv_path = tmp_path / "rest.csv"
-        csv_path.write_text("study_uid,text\n" + "\n".join(reports[3:]) + "\n")
+        csv_path.write_text("study_uid,text\n" + "\n".join(reports[6:]) + "\n")
         imported = cli(run, "--data-dir", str(run.settings.data_dir), "report", "import",
                        str(csv_path), "--json")  # fmt: skip
         assert imported.returncode == 0, imported.stderr
-        assert json.loads(imported.stdout)["linked"] == STUDIES - 3
+        assert json.loads(imported.stdout)["linked"] == STUDIES - 6
 
         sessions = open_catalog(run.settings.effective_database_url).sessions
         deadline = time.monotonic() + 120
@@ -140,6 +174,13 @@ def test_validate_reports_live_and_shadow_and_no_shadow_result_reaches_the_pacs(
                 )
             time.sleep(0.5)
         assert from_pacs == 3, f"{from_pacs} SR reports kept; worker log:\n{run.log.read_text()}"
+        with sessions() as session:
+            by_source = dict(
+                session.execute(
+                    select(StudyReport.source, func.count()).group_by(StudyReport.source)
+                ).all()
+            )
+        assert by_source == {"sr": 3, "hl7": 3, "csv": STUDIES - 6}
 
         done = cli(run, "--data-dir", str(run.settings.data_dir), "validate", "--json")
         assert done.returncode == 0, done.stderr
