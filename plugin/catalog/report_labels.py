@@ -3,7 +3,7 @@ and the labeled studies with each model's scores, for validation."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session
 
 from plugin.catalog.models import (
     Analysis,
+    ImageEmbedding,
+    Instance,
     ReportLabels,
     Site,
     Study,
@@ -251,3 +253,19 @@ def study_labels(
 
 def study_uid_of(session: Session, study_id: int) -> str | None:
     return session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+
+
+def scored_image_paths(
+    session: Session, study_ids: Sequence[int], model_ref: str
+) -> dict[int, list[str]]:
+    """Per study, the spool paths of the images ``model_ref`` scored (those it embedded)."""
+    rows = session.execute(
+        select(ImageEmbedding.study_id, Instance.path)
+        .join(Instance, Instance.sop_instance_uid == ImageEmbedding.sop_instance_uid)
+        .where(ImageEmbedding.study_id.in_(list(study_ids)), ImageEmbedding.model_ref == model_ref)
+        .order_by(ImageEmbedding.study_id, Instance.path)
+    )
+    paths: dict[int, list[str]] = {}
+    for study_id, path in rows:
+        paths.setdefault(study_id, []).append(path)
+    return paths

@@ -24,6 +24,7 @@ from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
 from plugin.cli.validation_cmd import (
     monitor,
+    report_export_labels,
     report_import,
     report_label,
     report_unlinked,
@@ -56,6 +57,7 @@ app.add_typer(report_app, name="report")
 report_app.command("label")(report_label)
 report_app.command("import")(report_import)
 report_app.command("unlinked")(report_unlinked)
+report_app.command("export-labels")(report_export_labels)
 app.command()(validate)
 app.command()(monitor)
 app.command()(similar)

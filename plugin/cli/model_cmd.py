@@ -401,7 +401,9 @@ def _floats(option: str, text: str | None, default: tuple[float, ...]) -> list[f
 BundleOption = Annotated[
     Path | None,
     typer.Option(
-        "--bundle", help="Bundle folder to start from (default: the active bundle); only read."
+        "--bundle",
+        help="Bundle folder to start from (default: the live bundle: the active one, else the "
+        "built-in demo); only read.",
     ),
 ]
 LabelsOption = Annotated[
@@ -422,14 +424,12 @@ ThreadsOption = Annotated[int | None, typer.Option(help="onnxruntime threads.")]
 
 
 def _source_bundle(ctx: typer.Context, bundle: Path | None) -> Bundle:
-    """The bundle a new version is made from: ``--bundle DIR``, else the active one."""
+    """The bundle a new version is made from: ``--bundle DIR``, else the live one (the
+    active bundle, else the built-in demo), as the workers run it."""
     if bundle is not None:
         return load_bundle(bundle)
-    active = _registry(ctx).active()
-    if active is None:
-        typer.echo("error: no active bundle: pass --bundle DIR or activate one", err=True)
-        raise typer.Exit(2)
-    return active
+    settings = command_settings(ctx)
+    return resolve_bundle(settings.data_dir, settings.model_bundle)
 
 
 def _new_version(
@@ -534,7 +534,10 @@ def model_fit_ood(
     ctx: typer.Context,
     bundle: Annotated[
         Path | None,
-        typer.Argument(help="Bundle folder to start from (default: the active bundle)."),
+        typer.Argument(
+            help="Bundle folder to start from (default: the live bundle: the active one, else "
+            "the built-in demo)."
+        ),
     ] = None,
     images: Annotated[
         Path | None,

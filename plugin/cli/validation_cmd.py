@@ -245,3 +245,38 @@ def monitor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         )
     for alert in alerts:
         typer.echo(alert.message())
+
+
+def report_export_labels(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="Labels CSV to write (path + findings).")],
+    model: Annotated[
+        str | None, typer.Option(help="The model whose scored images to list (default: live).")
+    ] = None,
+    site: Annotated[str | None, typer.Option(help="Only this site key.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only studies received on or after this date (YYYY-MM-DD).")
+    ] = None,
+) -> None:
+    """Write the report labels as a labels CSV for `pacsclip model calibrate --labels` (and
+    `fit-head`): one row per scored image, 1/0/empty per finding."""
+    from plugin.models.registry import resolve_bundle
+    from plugin.validation.labels_export import export_labels_csv
+    from plugin.validation.services import intake_for
+
+    settings = command_settings(ctx)
+    when = _date(since)
+    sessions = open_sessions(settings)
+    with exit_on_error():
+        intake = intake_for(settings, sessions, embed=False)
+        intake.link_waiting()
+        intake.label_missing()
+        ref = model or resolve_bundle(settings.data_dir, settings.model_bundle).ref
+        export = export_labels_csv(
+            sessions, intake.labeler.version, ref, settings.spool_dir, out, site=site, since=when
+        )
+    typer.echo(f"{export.images} images of {export.studies} studies scored by {ref} -> {out}")
+    for name in export.positives:
+        typer.echo(
+            f"  {name}: {export.positives[name]} positive, {export.negatives[name]} negative"
+        )

@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,19 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydicom import dcmread
 
 from plugin.catalog.db import open_catalog
-from plugin.catalog.models import Instance, Series, Site, Study
 from plugin.catalog.repository import audit_events
 from plugin.demo.phantom import FINDINGS
 from plugin.demo.studies import write_demo_studies
 from plugin.models.bundle import Bundle, load_bundle
 from plugin.models.registry import Registry
 from plugin.settings import Settings
-from plugin.site import site_key
+from tests.catalog_fixtures import arrive
 from tests.open_clip_reference import clip_tokenizer
-from worker.tasks import WorkerContext
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("medspacy", reason="the report labeler runs on medspacy (scripts/bootstrap)")
@@ -159,52 +155,6 @@ def walk(tmp_path: Path) -> Walk:
     return Walk(work=work, data_dir=data_dir, env=env, arriving=work / "arriving" / "studies")
 
 
-def arrive(settings: Settings, studies: Path) -> None:
-    """The studies as the node catalogs them (spool file, rows, complete), then the worker's
-    analysis: the live model, then every shadow model."""
-    catalog = open_catalog(settings.effective_database_url)
-    uids = []
-    with catalog.sessions.begin() as session:
-        sites: dict[str, Site] = {}
-        for path in sorted(studies.glob("*/*.dcm")):
-            ds = dcmread(path)
-            relative = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
-            (settings.spool_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, settings.spool_dir / relative)
-            values = {"calling_ae_title": CALLING_AE, "InstitutionName": ds.InstitutionName}
-            key = site_key(settings.site_tags, values)
-            instance = Instance(
-                sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID,
-                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                path=relative,
-                size_bytes=path.stat().st_size,
-                sha256="0" * 64,
-                calling_ae_title=CALLING_AE,
-            )
-            series = Series(
-                series_instance_uid=ds.SeriesInstanceUID,
-                modality=ds.Modality,
-                instances=[instance],
-            )
-            session.add(
-                Study(
-                    study_instance_uid=ds.StudyInstanceUID,
-                    site=sites.setdefault(key, Site(key=key)),
-                    state="complete",
-                    calling_ae_title=CALLING_AE,
-                    generation=1,
-                    series=[series],
-                )
-            )
-            uids.append(ds.StudyInstanceUID)
-    context = WorkerContext(settings)
-    assert [s.shadow.ref for s in context.shadows] == [f"{NAME}@{CANDIDATE}"]
-    for uid in uids:
-        context.analyser.analyse(uid, 1)
-        context.score_in_shadow(uid, 1)
-
-
 def run_block(block: str, walk: Walk) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block],
@@ -238,7 +188,8 @@ def test_the_walkthrough_runs_as_written(walk: Walk) -> None:
     for block in blocks:
         step = step_of(block)
         if step == "report import":
-            arrive(settings, walk.arriving)
+            context = arrive(settings, walk.arriving)
+            assert [s.shadow.ref for s in context.shadows] == [f"{NAME}@{CANDIDATE}"]
         done = run_block(block, walk)
         out = done.stdout
         assert done.returncode == 0, f"{block}\nstdout:\n{out}\nstderr:\n{done.stderr}"
