@@ -1,6 +1,7 @@
 """The validation page: per site, per model, per finding, how the scores compare with the labels
 from the sites' reports (``pacsclip validate`` as a page), the go-live gate's answer for each
-shadow candidate (read-only), and a reliability plot per site and model as a PNG.
+shadow candidate (read-only), a reliability plot per site and model as a PNG, and the
+monitoring figures over time (``plugin.dashboard.monitoring``).
 
 The report labeler takes seconds to build (medspacy), so ``ValidationSource`` builds it once per
 process, on first use; the answers of the last minute are kept, so a page and its plots compute
@@ -23,6 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from plugin.catalog.worklist import site_keys
+from plugin.dashboard.monitoring import monitoring_png, monitoring_section
 from plugin.dashboard.pages import Board, PageViewer, render
 from plugin.errors import PacsclipError
 from plugin.models.registry import Registry, parse_ref, resolve_bundle
@@ -148,6 +150,8 @@ def validation_page(
         "answer": None,
         "golive": [],
         "error": None,
+        # From the monitoring folder, not the catalog: shown even when validation is not.
+        "monitoring": monitoring_section(board.settings, site=filters.site, model=filters.model),
     }
     try:
         answer = board.validation.answer(filters)
@@ -292,4 +296,5 @@ def router() -> APIRouter:
         "/validation", validation_page, methods=["GET"], response_class=HTMLResponse
     )
     routes.add_api_route("/validation/reliability.png", reliability_png, methods=["GET"])
+    routes.add_api_route("/validation/monitoring.png", monitoring_png, methods=["GET"])
     return routes

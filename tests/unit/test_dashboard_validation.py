@@ -1,7 +1,8 @@
 """The dashboard's validation page over a throwaway SQLite catalog: live and shadow models of
 the built-in demo bundle scored studies whose reports arrive unlabeled; the page labels them
 (its labeler built once), shows the figures per site, model and finding, the "too few labels"
-message, the go-live gate per shadow candidate, and a reliability PNG."""
+message, the go-live gate per shadow candidate, a reliability PNG, and the monitoring figures
+over time from a history kept by ``MonitorStore``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from plugin.metrics import PacsclipMetrics
 from plugin.models.registry import Registry, builtin_bundle_dirs
 from plugin.settings import Settings
 from plugin.validation.intake import ReportIntake
+from plugin.validation.monitoring import MonitorStore, WindowFigure
 from plugin.validation.report_labeler import ReportLabeler
 from tests.unit.test_dashboard import TOKEN, login
 from tests.unit.test_site_validation import add_analysis, add_study
@@ -100,7 +103,11 @@ def _section(page: str, marker: str) -> str:
 
 
 def test_the_page_and_its_plot_need_a_login(app: TestClient) -> None:
-    for path in ("/validation", f"/validation/reliability.png?site=site-a&model={LIVE}"):
+    for path in (
+        "/validation",
+        f"/validation/reliability.png?site=site-a&model={LIVE}",
+        f"/validation/monitoring.png?site=site-a&model={LIVE}",
+    ):
         answer = app.get(path, follow_redirects=False)
         assert answer.status_code == 303, path
         assert answer.headers["location"].startswith("/login?next=/validation")
@@ -165,3 +172,136 @@ def test_reliability_plot_is_a_png_from_the_pages_answer(app: TestClient) -> Non
     missing = app.get("/validation/reliability.png", params={"site": "site-b", "model": LIVE})
     assert missing.status_code == 404 and "enough labels" in missing.text
     assert app.get("/validation/reliability.png?site=site-a&model=nope").status_code == 422
+
+
+# --- monitoring over time ------------------------------------------------------------------
+
+FIRST_RUN = datetime(2026, 11, 2, 6, tzinfo=UTC)
+LOW_AUROC = "AUROC 0.612 below the floor 0.7"
+OLD_PROBLEM = "alert rate 31.0% left its band 12.0% +/- 10%"
+
+
+def _figure(
+    site: str, model: str, finding: str, auroc: float, alert_rate: float, *problems: str
+) -> WindowFigure:
+    return WindowFigure(
+        site=site,
+        model=model,
+        finding=finding,
+        labeled=120,
+        positives=40,
+        negatives=80,
+        auroc=auroc,
+        ppv=0.55,
+        alert_rate=alert_rate,
+        baseline_alert_rate=0.12,
+        problems=tuple(problems),
+    )
+
+
+def _record_runs(app: TestClient) -> None:
+    """Four daily runs: the live model's pneumothorax AUROC falls below the floor in the last
+    one; an alert-rate problem of the second run is over by the third; site-b has its own."""
+    store = MonitorStore(app.app.state.dashboard.settings.data_dir / "monitoring")  # type: ignore[attr-defined]
+    aurocs = (0.811, 0.790, 0.744, 0.612)
+    for day, auroc in enumerate(aurocs):
+        rate = 0.31 if day == 1 else 0.14
+        figures = [
+            _figure("site-a", LIVE, "pleural_effusion", 0.9 - 0.01 * day, rate),
+            _figure(
+                "site-a",
+                LIVE,
+                "pneumothorax",
+                auroc,
+                0.15,
+                *([LOW_AUROC] if auroc < 0.7 else []),
+                *([OLD_PROBLEM] if day == 1 else []),
+            ),
+            _figure("site-a", CANDIDATE, "pleural_effusion", 0.95, 0.13),
+            _figure("site-b", LIVE, "pleural_effusion", 0.88, 0.12),
+        ]
+        store.record(figures, FIRST_RUN + timedelta(days=day))
+
+
+def _monitoring(page: str) -> str:
+    return page[page.index('<section id="monitoring">') :]
+
+
+def test_monitoring_section_shows_the_latest_figures_and_open_alerts(app: TestClient) -> None:
+    login(app)
+    empty = _monitoring(app.get("/validation").text)
+    assert "No monitoring run yet: workers compute it after labeled reports" in empty
+    assert "monitoring.png" not in empty
+
+    _record_runs(app)
+    section = _monitoring(app.get("/validation").text)
+
+    assert "No monitoring run yet" not in section
+    groups = re.findall(r'data-monitor-site="([^"]+)" data-monitor-model="([^"]+)"', section)
+    assert groups == [("site-a", LIVE), ("site-a", CANDIDATE), ("site-b", LIVE)]
+    live_a = section[section.index(f'data-monitor-site="site-a" data-monitor-model="{LIVE}"') :]
+    live_a = live_a.split("</div>")[0]
+    assert "Latest run 2026-11-05 06:00 UTC, 4 runs kept." in live_a
+    assert "1 open alert" in live_a
+    pneumothorax = live_a[live_a.index('data-finding="pneumothorax"') :].split("</tr>")[0]
+    assert 'class="alerting"' in pneumothorax and "<td>0.612</td>" in pneumothorax
+    assert f'<ul class="problems error"><li>{LOW_AUROC}</li></ul>' in pneumothorax
+    assert OLD_PROBLEM.split(" +/-")[0] not in section  # over since the third run
+    effusion = live_a[live_a.index('data-finding="pleural_effusion"') :].split("</tr>")[0]
+    assert "<td>0.870</td>" in effusion and "alerting" not in effusion and "none" in effusion
+    assert f"/validation/monitoring.png?site=site-a&amp;model={LIVE.replace('@', '%40')}" in live_a
+    calm = section[section.index(f'data-monitor-model="{CANDIDATE}"') :].split("</div>")[0]
+    assert "no open alert" in calm and "problems" not in calm
+
+    only_b = _monitoring(app.get("/validation", params={"site": "site-b"}).text)
+    assert re.findall(r'data-monitor-site="([^"]+)"', only_b) == ["site-b"]
+    candidate = _monitoring(app.get("/validation", params={"model": CANDIDATE}).text)
+    assert re.findall(r'data-monitor-model="([^"]+)"', candidate) == [CANDIDATE]
+    nothing = _monitoring(app.get("/validation", params={"site": "site-z"}).text)
+    assert "No monitoring figures for this site and model." in nothing
+
+
+def _red_pixels(png: bytes) -> int:
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    return int(np.count_nonzero((red > 140) & (green < 80) & (blue < 80)))
+
+
+def test_monitoring_plot_is_a_png_per_site_and_model(app: TestClient) -> None:
+    login(app)
+    _record_runs(app)
+
+    answer = app.get("/validation/monitoring.png", params={"site": "site-a", "model": LIVE})
+
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    assert len(answer.content) > 10_000
+    image = Image.open(io.BytesIO(answer.content))
+    assert image.format == "PNG" and image.size[0] >= 600
+    pixels = np.asarray(image.convert("L"))
+    assert pixels.min() < 50 and pixels.std() > 10  # drawn on, not a blank canvas
+    # Both plots have the red dashed floor; only the live model's has red alert markers.
+    calm = app.get("/validation/monitoring.png", params={"site": "site-a", "model": CANDIDATE})
+    assert calm.status_code == 200
+    assert _red_pixels(answer.content) > _red_pixels(calm.content) + 100
+
+    unknown_site = app.get("/validation/monitoring.png", params={"site": "site-z", "model": LIVE})
+    assert unknown_site.status_code == 404 and "no monitoring run" in unknown_site.text
+    other_model = {"site": "site-b", "model": CANDIDATE}  # monitored at site-a only
+    assert app.get("/validation/monitoring.png", params=other_model).status_code == 404
+    assert app.get("/validation/monitoring.png?site=site-a&model=nope").status_code == 422
+    assert app.get(f"/validation/monitoring.png?model={LIVE}").status_code == 422  # no site
+
+
+def test_a_damaged_history_is_reported_not_drawn(app: TestClient) -> None:
+    login(app)
+    _record_runs(app)
+    history = app.app.state.dashboard.settings.data_dir / "monitoring" / "history.jsonl"  # type: ignore[attr-defined]
+    with history.open("a", encoding="utf-8") as out:
+        out.write('{"site": "site-a"}\n')
+
+    section = _monitoring(app.get("/validation").text)
+
+    assert "line 17 of the monitoring history is damaged" in section
+    assert "monitoring.png" not in section
+    plot = app.get("/validation/monitoring.png", params={"site": "site-a", "model": LIVE})
+    assert plot.status_code == 503
