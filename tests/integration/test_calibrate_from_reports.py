@@ -35,7 +35,7 @@ def test_report_labels_export_to_a_labels_csv_that_calibrate_fits(tmp_path: Path
     data = tmp_path / "data"
     settings = Settings(data_dir=data)
     demo = tmp_path / "demo"
-    write_demo_studies(demo, count=60, seed=11)
+    write_demo_studies(demo, count=40, seed=11)
     arrive(settings, demo / "studies")
     imported = pacsclip(data, "report", "import", str(demo / "reports.csv"))
     assert imported.returncode == 0, imported.stderr
