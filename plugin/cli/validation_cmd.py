@@ -149,13 +149,11 @@ def validate(
     when = _date(since)
     sessions = open_sessions(settings)
     with exit_on_error():
-        intake = intake_for(settings, sessions, embed=False)
-        intake.link_waiting()
-        intake.label_missing()
+        version = intake_for(settings, sessions, embed=False).catch_up()
         live = resolve_bundle(settings.data_dir, settings.model_bundle).ref
         answer = run_validation(
             sessions,
-            intake.labeler.version,
+            version,
             live_model=live,
             site=site,
             model=model,
@@ -268,12 +266,10 @@ def report_export_labels(
     when = _date(since)
     sessions = open_sessions(settings)
     with exit_on_error():
-        intake = intake_for(settings, sessions, embed=False)
-        intake.link_waiting()
-        intake.label_missing()
+        version = intake_for(settings, sessions, embed=False).catch_up()
         ref = model or resolve_bundle(settings.data_dir, settings.model_bundle).ref
         export = export_labels_csv(
-            sessions, intake.labeler.version, ref, settings.spool_dir, out, site=site, since=when
+            sessions, version, ref, settings.spool_dir, out, site=site, since=when
         )
     typer.echo(f"{export.images} images of {export.studies} studies scored by {ref} -> {out}")
     for name in export.positives:

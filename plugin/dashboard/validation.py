@@ -100,12 +100,10 @@ class ValidationSource:
         if self._intake is None or self._intake[0] != live:
             # The labeler's vocabulary holds the live bundle's findings: a new one, a new labeler.
             self._intake = (live, intake_for(self._settings, self._sessions, embed=False))
-        intake = self._intake[1]
-        intake.link_waiting()
-        intake.label_missing()
+        version = self._intake[1].catch_up()
         answer = validate(
             self._sessions,
-            intake.labeler.version,
+            version,
             live_model=live,
             site=filters.site,
             model=filters.model,

@@ -177,6 +177,13 @@ class ReportIntake:
             self.label_missing()
         return linked
 
+    def catch_up(self) -> str:
+        """Link the reports whose study has arrived and label what is not labeled yet, before
+        reading labels; returns the labeler version they carry."""
+        self.link_waiting()
+        self.label_missing()
+        return self.labeler.version
+
     def import_csv(self, path: Path) -> ImportSummary:
         """Reports from a CSV with ``study_uid,text`` or ``accession,text`` columns."""
         rows, key = read_reports_csv(path)

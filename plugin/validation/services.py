@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -66,7 +67,14 @@ def site_vocabulary(settings: Settings, bundle: Bundle) -> Vocabulary:
 
 def labeler_for(settings: Settings) -> ReportLabeler:
     bundle = resolve_bundle(settings.data_dir, settings.model_bundle)
-    return ReportLabeler(site_vocabulary(settings, bundle))
+    return _labeler(site_vocabulary(settings, bundle))
+
+
+@functools.lru_cache(maxsize=4)
+def _labeler(vocabulary: Vocabulary) -> ReportLabeler:
+    """One labeler per vocabulary and process: building one takes seconds (medspacy), and a
+    labeler keeps no state between reports."""
+    return ReportLabeler(vocabulary)
 
 
 def intake_for(
@@ -108,13 +116,10 @@ def check_golive(
     """The gate's decision on the newest labels, written to the audit log (with the reason
     when an operator overrides a refusal)."""
     intake = intake_for(settings, sessions, embed=False)
-    intake.link_waiting()
-    intake.label_missing()
+    version = intake.catch_up()
     live = resolve_bundle(settings.data_dir, settings.model_bundle).ref
     floors = floors_of(settings)
-    validation = validate(
-        sessions, intake.labeler.version, live_model=live, site=site, floors=floors
-    )
+    validation = validate(sessions, version, live_model=live, site=site, floors=floors)
     decision = golive_decision(
         validation, candidate, floors=floors, has_ood_reference=has_ood_reference
     )
@@ -144,9 +149,7 @@ def run_monitoring(
 ) -> tuple[list[WindowFigure], list[Alert]]:
     """Recompute the window figures, keep them, and raise the alerts that start or end."""
     intake = intake or intake_for(settings, sessions, embed=False)
-    intake.link_waiting()
-    intake.label_missing()
-    version = intake.labeler.version
+    version = intake.catch_up()
     with sessions() as session:
         rows = scored_labeled_studies(session, version, site=None, since=None)
         labels = study_labels(session, sorted({r.study_id for r in rows}), version)
