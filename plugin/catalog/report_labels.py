@@ -18,27 +18,15 @@ from plugin.catalog.models import (
     ReportLabels,
     Site,
     Study,
-    StudyReport,
     UnlinkedReport,
 )
+from plugin.catalog.reports import ReportText, reports_not_in
 
 
-@dataclass(frozen=True)
-class ReportToLabel:
-    id: int
-    study_id: int
-    text: str
-
-
-def reports_without_labels(session: Session, labeler_version: str) -> list[ReportToLabel]:
+def reports_without_labels(session: Session, labeler_version: str) -> list[ReportText]:
     """Every stored report that this labeler version has not labeled, oldest first."""
     done = select(ReportLabels.report_id).where(ReportLabels.labeler_version == labeler_version)
-    rows = session.execute(
-        select(StudyReport.id, StudyReport.study_id, StudyReport.text)
-        .where(StudyReport.id.not_in(done))
-        .order_by(StudyReport.id)
-    )
-    return [ReportToLabel(*row) for row in rows]
+    return reports_not_in(session, done)
 
 
 def store_labels(

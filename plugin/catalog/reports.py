@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,21 +65,27 @@ def add_report_embedding(
 
 
 @dataclass(frozen=True)
-class UnembeddedReport:
+class ReportText:
     id: int
     study_id: int
     text: str
 
 
-def reports_without_embedding(session: Session, model_ref: str) -> list[UnembeddedReport]:
+def reports_not_in(session: Session, done: Select[int]) -> list[ReportText]:
+    """Every stored report whose id ``done`` does not list, oldest first: the reports some
+    step (an embedding, a labeler version) has not reached yet."""
+    rows = session.execute(
+        select(StudyReport.id, StudyReport.study_id, StudyReport.text)
+        .where(StudyReport.id.not_in(done))
+        .order_by(StudyReport.id)
+    )
+    return [ReportText(report_id, study_id, text) for report_id, study_id, text in rows]
+
+
+def reports_without_embedding(session: Session, model_ref: str) -> list[ReportText]:
     """Every stored report that has no embedding under this model version."""
     done = select(ReportEmbedding.report_id).where(ReportEmbedding.model_ref == model_ref)
-    rows = session.execute(
-        select(StudyReport.id, StudyReport.study_id, StudyReport.text).where(
-            StudyReport.id.not_in(done)
-        )
-    ).all()
-    return [UnembeddedReport(report_id, study_id, text) for report_id, study_id, text in rows]
+    return reports_not_in(session, done)
 
 
 @dataclass(frozen=True)
