@@ -233,6 +233,10 @@ def monitor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
             }
         )
         return
+    if not figures:
+        typer.echo(
+            "No labeled studies with results yet: import reports with 'pacsclip report import'."
+        )
     for f in figures:
         auroc = "n/a" if f.auroc is None else f"{f.auroc:.3f}"
         rate = "n/a" if f.alert_rate is None else f"{f.alert_rate:.1%}"
