@@ -23,6 +23,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from plugin.catalog.analyses import (
+    LIVE,
     NewAnalysis,
     RecordedAnalysis,
     ResultFile,
@@ -99,7 +100,7 @@ class StudyAnalyser:
         with self.catalog.sessions() as session:
             study = study_to_analyse(session, study_uid)
             done = find_analysis(
-                session, study.id, generation, self.algorithm.name, self.algorithm.version
+                session, study.id, generation, self.algorithm.name, self.algorithm.version, LIVE
             )
             if done is not None:
                 return _outcome(done)

@@ -167,7 +167,15 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(1, ge=1, description="Celery concurrency of pacsclip worker.")
     model_bundle: Path | None = Field(
-        None, description="Bundle folder the workers run; unset: the active bundle, else the demo."
+        None,
+        description="Bundle folder the workers run; unset: the active bundle, else the built-in "
+        "demo as demo_model says.",
+    )
+    demo_model: Literal["live", "shadow"] = Field(
+        "live",
+        description="Where the built-in demo runs while no bundle is active: live (its results "
+        "go to the destinations, the quick start) or shadow (scored and validated only, "
+        "nothing sent: the deploy examples, so no demo result reaches a clinical PACS).",
     )
     inference_threads: int | None = Field(
         None, ge=1, description="onnxruntime threads per worker; unset: all cores."

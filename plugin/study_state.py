@@ -1,7 +1,9 @@
 """The per-study state machine: receiving -> complete -> queued -> analysed -> delivered.
 
 ``failed`` can be reached from any working state; a late instance reopens a study
-(back to ``receiving``) from any state but ``receiving`` itself.
+(back to ``receiving``) from any state but ``receiving`` itself. ``shadow_only`` ends a study
+that arrived while no model was live: shadow models scored it, nothing was sent; an operator
+may queue it again once a model is live.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ class StudyState(StrEnum):
     QUEUED = "queued"
     ANALYSED = "analysed"
     DELIVERED = "delivered"
+    SHADOW_ONLY = "shadow_only"
     FAILED = "failed"
 
 
 _FORWARD: dict[StudyState, frozenset[StudyState]] = {
     StudyState.RECEIVING: frozenset({StudyState.COMPLETE, StudyState.FAILED}),
     StudyState.COMPLETE: frozenset({StudyState.QUEUED, StudyState.FAILED}),
-    StudyState.QUEUED: frozenset({StudyState.ANALYSED, StudyState.FAILED}),
+    StudyState.QUEUED: frozenset({StudyState.ANALYSED, StudyState.SHADOW_ONLY, StudyState.FAILED}),
     StudyState.ANALYSED: frozenset({StudyState.DELIVERED, StudyState.FAILED}),
     StudyState.DELIVERED: frozenset(),
+    StudyState.SHADOW_ONLY: frozenset({StudyState.QUEUED}),  # a model went live since
     StudyState.FAILED: frozenset({StudyState.QUEUED}),  # an operator retry
 }
 

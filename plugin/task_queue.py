@@ -6,13 +6,21 @@ imports the other (and the node never imports the model runtime).
 
 from __future__ import annotations
 
-from typing import Final
+import logging
+from typing import Any, Final
 
 from celery import Celery
 from kombu.entity import Exchange, Queue
+from kombu.transport.sqlalchemy import Channel as SQLAlchemyChannel
 from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
+from sqlalchemy import create_engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
+from plugin.catalog.schema_lock import BROKER_SCHEMA, schema_lock
 from plugin.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 ANALYSE_STUDY: Final = "pacsclip.analyse_study"
 DISPATCH_RESULT: Final = "pacsclip.dispatch_result"
@@ -37,6 +45,37 @@ def analysis_queue(priority: str) -> str:
 SQLA_PREFIX: Final = "sqla+"
 
 
+class SchemaLockedSQLAlchemyChannel(SQLAlchemyChannel):
+    """kombu's SQLAlchemy channel (as of kombu 5.7) made safe for processes that start
+    together on a fresh broker database.
+
+    ``_open`` creates the broker's tables once per process (``metadata.create_all``: check,
+    then CREATE TABLE), so it runs under the broker's schema lock. ``_get_or_create`` inserts
+    a queue's row when it finds none, and only an OperationalError is handled there; when
+    another process inserted the same queue in between, the unique name fails the commit,
+    and the row the other process made is the one to use.
+    """
+
+    def _open(self) -> Any:
+        url = self.connection.client.hostname
+        if url in self._engines:
+            return self._engines[url]
+        lock_engine = create_engine(url, poolclass=NullPool)
+        try:
+            with schema_lock(lock_engine, BROKER_SCHEMA):
+                return super()._open()
+        finally:
+            lock_engine.dispose()
+
+    def _get_or_create(self, queue: str) -> Any:
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            logger.info("queue %s was declared by another process meanwhile", queue)
+            return self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).one()
+
+
 class PollingSQLAlchemyTransport(SQLAlchemyTransport):
     """kombu's SQLAlchemy transport, polling 20 times a second instead of once: an idle worker
     otherwise adds up to 1 s to each task it is sent (a poll is one indexed SQLite query).
@@ -44,6 +83,7 @@ class PollingSQLAlchemyTransport(SQLAlchemyTransport):
     Set as a class because the transport hands its options to ``create_engine``, so
     ``polling_interval`` cannot go through ``broker_transport_options``."""
 
+    Channel = SchemaLockedSQLAlchemyChannel
     polling_interval = 0.05
 
 

@@ -13,7 +13,7 @@ from plugin.catalog.db import open_catalog
 from plugin.catalog.models import Instance, Series, Site, Study
 from plugin.settings import Settings
 from plugin.site import site_key
-from worker.tasks import WorkerContext
+from worker.tasks import WorkerContext, score_without_live_model
 
 CALLING_AE = "STORESCU"  # storescu's default calling AE title
 
@@ -60,6 +60,9 @@ def arrive(settings: Settings, studies: Path) -> WorkerContext:
             uids.append(ds.StudyInstanceUID)
     context = WorkerContext(settings)
     for uid in uids:
+        if context.live is None:
+            score_without_live_model(context, uid, 1)
+            continue
         context.analyser.analyse(uid, 1)
         context.score_in_shadow(uid, 1)
     return context

@@ -18,13 +18,15 @@ from celery import Celery, Task
 from pydicom import dcmread
 
 from plugin.analysis import StudyAnalyser
+from plugin.catalog.analyses import mark_shadow_only
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.studies import instance_paths_of_classes
 from plugin.errors import PacsclipError
 from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
+from plugin.models.bundle import Bundle
 from plugin.models.projection import text_encoder
-from plugin.models.registry import Registry, resolve_bundle
+from plugin.models.registry import Registry, live_bundle
 from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
@@ -50,8 +52,23 @@ class WorkerContext:
         return open_catalog(self.settings.effective_database_url)
 
     @cached_property
+    def live(self) -> Bundle | None:
+        """The live model's bundle; None when no model is live (the built-in demo runs in
+        shadow, ``demo_model = "shadow"``, and nothing was made live yet)."""
+        settings = self.settings
+        bundle = live_bundle(settings.data_dir, settings.model_bundle, settings.demo_model)
+        if bundle is None:
+            logger.warning(
+                "no model is live: studies are scored by shadow models only and nothing is "
+                "sent; make one live with pacsclip model promote"
+            )
+        return bundle
+
+    @cached_property
     def analyser(self) -> StudyAnalyser:
-        bundle = resolve_bundle(self.settings.data_dir, self.settings.model_bundle)
+        bundle = self.live
+        if bundle is None:
+            raise PacsclipError("no model is live")  # callers look at self.live first
         # Site heads promoted with `pacsclip adapt promote`; read when the worker starts.
         site_heads = load_active_site_heads(self.settings.data_dir, bundle.ref)
         model = TriageModel(
@@ -67,7 +84,7 @@ class WorkerContext:
     def shadows(self) -> list[ShadowAnalyser]:
         """The candidates `pacsclip model shadow` names, loaded when the worker starts. One
         that cannot load is logged and left out: a shadow never holds up the live results."""
-        registry = Registry.for_data_dir(self.settings.data_dir)
+        registry = Registry.for_data_dir(self.settings.data_dir, self.settings.demo_model)
         loaded = []
         for shadow in registry.shadows():
             try:
@@ -90,6 +107,8 @@ class WorkerContext:
         """Reports that came with a study: linked, labeled and indexed for search."""
 
         def index(study_uid: str, text: str, source: str) -> None:
+            if self.live is None:
+                return  # search runs on the live model's index; reports are indexed once one is
             try:
                 self.retrieval.add_report(study_uid, text, source)
             except NoTextTower as exc:
@@ -118,7 +137,8 @@ class WorkerContext:
         the worker still delivers results already made.
         """
         try:
-            self.analyser.model.warm_up()
+            if self.live is not None:
+                self.analyser.model.warm_up()
         except PacsclipError as exc:
             logger.error("model not loaded at start: %s", exc)
         for shadow in self.shadows:
@@ -194,6 +214,8 @@ def context_of(task: Task) -> WorkerContext:
 
 def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]:
     context = context_of(task)
+    if context.live is None:
+        return score_without_live_model(context, study_uid, generation)
     outcome = context.analyser.analyse(study_uid, generation)
     if outcome.created:
         context.metrics.observe_stage(Stage.ANALYSED, seconds=outcome.since_complete_s)
@@ -213,6 +235,22 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
     # Also when an earlier delivery made the live analysis: a shadow run it missed is made up.
     context.score_in_shadow(study_uid, generation)
     return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
+
+
+def score_without_live_model(
+    context: WorkerContext, study_uid: str, generation: int
+) -> dict[str, Any]:
+    """No model is live: the shadows score the study, its reports are kept, and the study
+    ends ``shadow_only`` (not left queued, where the node would send it again)."""
+    context.score_in_shadow(study_uid, generation)
+    with context.catalog.sessions() as session:
+        ended = mark_shadow_only(session, study_uid, generation)
+    if ended:
+        logger.info(
+            "study %s generation %d: no live model, scored in shadow only", study_uid, generation
+        )
+    context.keep_reports(study_uid)
+    return {"analysis_id": None, "jobs": [], "created": False, "live": False}
 
 
 def notify_stat(context: WorkerContext, analysis_id: int) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,17 +51,22 @@ class RecordedAnalysis:
 
 
 def find_analysis(
-    session: Session, study_id: int, generation: int, algorithm_name: str, algorithm_version: str
+    session: Session,
+    study_id: int,
+    generation: int,
+    algorithm_name: str,
+    algorithm_version: str,
+    role: str | None = None,
 ) -> RecordedAnalysis | None:
-    """The analysis of this generation by this model name and version, if one is recorded."""
-    analysis = session.scalar(
-        select(Analysis).where(
-            Analysis.study_id == study_id,
-            Analysis.generation == generation,
-            Analysis.algorithm_name == algorithm_name,
-            Analysis.algorithm_version == algorithm_version,
-        )
+    """The analysis of this generation by this model name and version (in ``role``, any
+    when None), if one is recorded."""
+    query = select(Analysis).where(
+        Analysis.study_id == study_id,
+        Analysis.generation == generation,
+        Analysis.algorithm_name == algorithm_name,
+        Analysis.algorithm_version == algorithm_version,
     )
+    analysis = session.scalar(query if role is None else query.where(Analysis.role == role))
     if analysis is None:
         return None
     return RecordedAnalysis(
@@ -132,6 +137,7 @@ def record_analysis(
     False); LookupError when the study is not in the catalog.
     """
     study = _study(session, study_uid)
+    _drop_shadow_run(session, study.id, new)
     analysis = _analysis_row(study.id, new, LIVE)
     analysis.objects = [
         ResultObject(
@@ -166,7 +172,7 @@ def record_analysis(
     except IntegrityError:
         session.rollback()
         done = find_analysis(
-            session, study.id, new.generation, new.algorithm_name, new.algorithm_version
+            session, study.id, new.generation, new.algorithm_name, new.algorithm_version, LIVE
         )
         if done is None:
             raise
@@ -193,6 +199,36 @@ def record_shadow_analysis(session: Session, study_uid: str, new: NewAnalysis) -
     except IntegrityError:  # a redelivered task recorded it at the same time
         session.rollback()
         return False
+    return True
+
+
+def _drop_shadow_run(session: Session, study_id: int, new: NewAnalysis) -> None:
+    """The same model scored this generation in shadow before it went live (a study queued
+    again with ``pacsclip studies requeue``): the live run replaces that record, which holds
+    the same scores and nothing else."""
+    session.execute(
+        delete(Analysis).where(
+            Analysis.study_id == study_id,
+            Analysis.generation == new.generation,
+            Analysis.algorithm_name == new.algorithm_name,
+            Analysis.algorithm_version == new.algorithm_version,
+            Analysis.role == SHADOW,
+        )
+    )
+
+
+def mark_shadow_only(session: Session, study_uid: str, generation: int) -> bool:
+    """End the study as ``shadow_only`` (no model was live) and commit; False when late images
+    reopened it meanwhile or a live analysis already moved it on."""
+    study = _study(session, study_uid)
+    if study.generation != generation or study.state not in (
+        StudyState.COMPLETE,
+        StudyState.QUEUED,
+    ):
+        return False
+    study.state = StudyState.SHADOW_ONLY
+    study.needs_reanalysis = False
+    session.commit()
     return True
 
 

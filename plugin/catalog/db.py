@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+
+from plugin.catalog.schema_lock import CATALOG_SCHEMA, schema_lock
+
+logger = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -42,11 +49,26 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+    """Bring the schema to the newest revision (idempotent).
+
+    Every process migrates when it starts, and a rollout starts them together: one migrates
+    under the schema lock while the others wait for it, then find nothing left to do.
+    """
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
+    heads = set(ScriptDirectory.from_config(cfg).get_heads())
+    with engine.connect() as connection:
+        if _current_heads(connection) == heads:
+            return
+    with schema_lock(engine, CATALOG_SCHEMA) as connection:
+        if _current_heads(connection) == heads:
+            logger.info("catalog schema migrated by another process")
+            return
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+def _current_heads(connection: Connection) -> set[str]:
+    return set(MigrationContext.configure(connection).get_current_heads())
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Select, case, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql.elements import Over
+from sqlalchemy.sql.functions import FunctionElement
 
 from plugin.catalog.models import (
     Analysis,
@@ -21,6 +24,9 @@ from plugin.catalog.models import (
     UnlinkedReport,
 )
 from plugin.catalog.reports import ReportText, reports_not_in
+
+NOT_SCORED = "not_scored"  # the priority of an analysis of a study out of the model's distribution
+LABELED = ("present", "absent")  # the report labels that make a study count for a finding
 
 
 def reports_without_labels(session: Session, labeler_version: str) -> list[ReportText]:
@@ -162,12 +168,111 @@ def scored_labeled_studies(
 ) -> list[ScoredStudy]:
     """The newest analysis per (study, model) of every study with labels of this version,
     oldest study first."""
-    labeled = select(ReportLabels.study_id).where(ReportLabels.labeler_version == labeler_version)
+    where: ColumnElement[bool] = Analysis.id.in_(_newest_analyses(labeler_version))
+    if site is not None:
+        where &= Site.key == site
+    if since is not None:
+        where &= Study.received_at >= since
+    return _scored_studies(session, where)
+
+
+def monitored_studies(session: Session, labeler_version: str, *, newest: int) -> list[ScoredStudy]:
+    """What the monitoring window reads of `scored_labeled_studies`, oldest study first: per
+    site and model, its newest scored analysis, and for each of the model's findings the
+    analyses of the ``newest`` latest studies whose report (the newest one) says it present or
+    absent. They are chosen in the database: a site's history is not loaded to find them."""
+    findings = _model_findings(session)
+    newer_report = aliased(ReportLabels)
+    later_analysis = aliased(Analysis)
+    # Correlated NOT EXISTS rather than IN (grouped subquery), as both look up an index on
+    # study_id: SQLite would scan a whole IN list again for each row of an inner loop.
+    scored = (
+        select(
+            Analysis.id,
+            Study.site_id,
+            Analysis.algorithm_name,
+            Analysis.algorithm_version,
+            Study.received_at,
+            *(
+                case((ReportLabels.labels[f].as_string().in_(LABELED), 1), else_=0).label(
+                    f"labeled_{i}"
+                )
+                for i, f in enumerate(findings)
+            ),
+        )
+        .join(Analysis, Analysis.study_id == ReportLabels.study_id)
+        .join(Study, Study.id == Analysis.study_id)
+        .where(
+            ReportLabels.labeler_version == labeler_version,
+            Analysis.priority != NOT_SCORED,
+            ~exists().where(
+                newer_report.study_id == ReportLabels.study_id,
+                newer_report.labeler_version == labeler_version,
+                newer_report.report_id > ReportLabels.report_id,
+            ),
+            ~exists().where(
+                later_analysis.study_id == Analysis.study_id,
+                later_analysis.algorithm_name == Analysis.algorithm_name,
+                later_analysis.algorithm_version == Analysis.algorithm_version,
+                later_analysis.id > Analysis.id,
+            ),
+        )
+        .subquery()
+    )
+
+    def newest_first(function: FunctionElement[Any]) -> Over[Any]:
+        # One window for every count: the database sorts the rows once.
+        return function.over(
+            partition_by=(scored.c.site_id, scored.c.algorithm_name, scored.c.algorithm_version),
+            order_by=(scored.c.received_at.desc(), scored.c.id.desc()),
+        )
+
+    labeled = [scored.c[f"labeled_{i}"] for i in range(len(findings))]
+    counted = select(
+        scored.c.id,
+        newest_first(func.row_number()).label("position"),
+        *labeled,
+        *(newest_first(func.sum(c)).label(f"seen_{i}") for i, c in enumerate(labeled)),
+    ).subquery()
+    chosen = select(counted.c.id).where(
+        or_(
+            counted.c.position == 1,
+            *(
+                (counted.c[f"labeled_{i}"] == 1) & (counted.c[f"seen_{i}"] <= newest)
+                for i in range(len(findings))
+            ),
+        )
+    )
+    return _scored_studies(session, Analysis.id.in_(chosen))
+
+
+def _model_findings(session: Session) -> list[str]:
+    """The findings of every model, from its newest scored analysis (a version's findings are
+    those of its bundle, which never changes)."""
     newest = (
+        select(func.max(Analysis.id))
+        .where(Analysis.priority != NOT_SCORED)
+        .group_by(Analysis.algorithm_name, Analysis.algorithm_version)
+    )
+    names = {
+        str(f["name"])
+        for findings in session.scalars(select(Analysis.findings).where(Analysis.id.in_(newest)))
+        for f in findings
+        if "probability" in f
+    }
+    return sorted(names)
+
+
+def _newest_analyses(labeler_version: str) -> Select[int]:
+    labeled = select(ReportLabels.study_id).where(ReportLabels.labeler_version == labeler_version)
+    return (
         select(func.max(Analysis.id))
         .where(Analysis.study_id.in_(labeled))
         .group_by(Analysis.study_id, Analysis.algorithm_name, Analysis.algorithm_version)
     )
+
+
+def _scored_studies(session: Session, where: ColumnElement[bool]) -> list[ScoredStudy]:
     query = (
         select(
             Analysis.study_id,
@@ -182,13 +287,9 @@ def scored_labeled_studies(
         )
         .join(Study, Study.id == Analysis.study_id)
         .join(Site, Site.id == Study.site_id)
-        .where(Analysis.id.in_(newest))
+        .where(where)
         .order_by(Study.received_at, Analysis.id)
     )
-    if site is not None:
-        query = query.where(Site.key == site)
-    if since is not None:
-        query = query.where(Study.received_at >= since)
     result = []
     for (
         study_id,
@@ -209,7 +310,7 @@ def scored_labeled_studies(
                 received_at=received,
                 model=f"{name}@{version}",
                 role=role,
-                scored=priority != "not_scored",
+                scored=priority != NOT_SCORED,
                 probabilities={
                     str(f["name"]): float(f["probability"])  # type: ignore[arg-type]
                     for f in findings

@@ -23,7 +23,8 @@ from plugin.catalog.models import (
 )
 from plugin.catalog.records import Peer
 from plugin.disclaimers import NOT_FOR_DIAGNOSIS
-from plugin.study_state import StudyState, transition
+from plugin.errors import InvalidTransition
+from plugin.study_state import StudyState, can_transition, transition
 
 
 def audit(
@@ -166,6 +167,32 @@ def set_state(session: Session, study_uid: str, state: StudyState) -> None:
     if study is None:
         raise LookupError(f"no study {study_uid} in the catalog")
     study.state = transition(StudyState(study.state), state)
+
+
+def requeue(session: Session, study_uids: list[str], state: StudyState | None) -> list[StaleStudy]:
+    """Move the studies named (or every study in ``state``) back to queued for a new
+    analysis, and say what to send; LookupError or InvalidTransition name the study that
+    cannot be queued (nothing is changed then)."""
+    query = select(Study)
+    if study_uids:
+        query = query.where(Study.study_instance_uid.in_(study_uids))
+    if state is not None:
+        query = query.where(Study.state == state)
+    studies = list(session.scalars(query))
+    missing = set(study_uids) - {s.study_instance_uid for s in studies}
+    if missing:
+        where = f" in state {state}" if state else ""
+        raise LookupError(f"no study {sorted(missing)[0]} in the catalog{where}")
+    for study in studies:
+        if not can_transition(StudyState(study.state), StudyState.QUEUED):
+            raise InvalidTransition(
+                f"study {study.study_instance_uid} is {study.state}: only shadow_only and "
+                "failed studies are queued again"
+            )
+        study.state = StudyState.QUEUED
+    return [
+        StaleStudy(s.study_instance_uid, s.generation, s.priority or "routine") for s in studies
+    ]
 
 
 def set_expected_instances(session: Session, study_uid: str, count: int) -> None:

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 import typer
 
-from plugin.cli.common import JsonFlag, command_settings, exit_on_error, open_sessions
+from plugin.cli.common import (
+    JsonFlag,
+    command_settings,
+    exit_on_error,
+    fail,
+    open_sessions,
+    print_json,
+)
 from plugin.errors import ConfigError
 from plugin.models.registry import resolve_bundle
 
@@ -147,19 +154,36 @@ def adapt_promote(
     ctx: typer.Context,
     site: Annotated[str, typer.Option("--site", help="Site key of the head.")],
     head: Annotated[int, typer.Option("--head", help="Site head version.")],
-    labels: LabelsOption,
-    force: Annotated[bool, typer.Option(help="Activate even if it validates worse.")] = False,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="Validate on this labels CSV (sop_instance_uid or study_instance_uid, then "
+            "1/0/empty per finding) instead of the site's report labels and the go-live gate.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Activate although it fails validation (needs --reason).")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="Why the gate is overridden; kept in the audit log.")
+    ] = None,
     tolerance: Annotated[
-        float, typer.Option(help="AUROC a finding may lose and still count as not worse.")
+        float,
+        typer.Option(help="With --labels: AUROC a finding may lose and still count as not worse."),
     ] = 0.01,
     bundle: BundleOption = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Validate a site head on labelled images of its site; activate it if not worse."""
+    """Make a site head live at its site: by default only through the go-live gate on the
+    site's report labels (pacsclip validate's floors); with --labels, on a labels file."""
     from plugin.validation.head_promotion import promote_site_head
 
     settings, model = _context(ctx, bundle)
+    if labels is None:
+        _promote_through_gate(settings, model, site, head, force, reason, as_json)
+        return
     with exit_on_error(ValueError):
         outcome = promote_site_head(
             settings.data_dir,
@@ -195,6 +219,46 @@ def adapt_promote(
     if not as_json:
         forced = " (forced)" if not comparison.not_worse else ""
         typer.echo(f"site head {head} is now active for {site}{forced}")
+
+
+def _promote_through_gate(
+    settings: Settings,
+    model: Bundle,
+    site: str,
+    head: int,
+    force: bool,
+    reason: str | None,
+    as_json: bool,
+) -> None:
+    from plugin.validation.head_promotion import gate_site_head
+
+    if force and not (reason and reason.strip()):
+        raise fail("--force needs --reason TEXT: the override is kept in the audit log")
+    with exit_on_error(ValueError):
+        outcome = gate_site_head(
+            settings,
+            open_sessions(settings),
+            model,
+            site,
+            head,
+            forced_reason=reason if force else None,
+        )
+    decision = outcome.decision
+    if as_json:
+        print_json(outcome.as_dict())
+    else:
+        typer.echo(f"go-live gate for {outcome.candidate} at {site} (now: {outcome.current}):")
+        for line in decision.passed:
+            typer.echo(f"  passed: {line}")
+    if not outcome.activated:
+        refusals = "\n".join(f"  - {r}" for r in decision.reasons)
+        raise fail(
+            f"site head {head} may not go live at {site} yet:\n{refusals}\n"
+            "The site's scores are unchanged. Override with --force --reason TEXT (audited)."
+        )
+    if not as_json:
+        forced = f" (gate overridden: {reason})" if outcome.forced else ""
+        typer.echo(f"site head {head} is now active for {site}{forced}; restart the workers")
 
 
 @adapt_app.command("drift")

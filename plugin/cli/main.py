@@ -272,6 +272,45 @@ def studies_list(
         )
 
 
+@studies_app.command("requeue")
+def studies_requeue(
+    ctx: typer.Context,
+    study_uids: Annotated[list[str] | None, typer.Argument(help="Study Instance UIDs.")] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(help="Every study in this state: shadow_only (a model is live now), failed."),
+    ] = None,
+) -> None:
+    """Analyse studies again with the live model: those that ended shadow_only while no model
+    was live, or failed ones after their cause is fixed."""
+    from plugin.catalog.repository import requeue
+    from plugin.errors import InvalidTransition
+    from plugin.study_state import StudyState
+    from plugin.task_queue import ANALYSE_STUDY, analysis_queue, make_celery
+
+    if not study_uids and state is None:
+        raise fail("name the studies (Study Instance UIDs) or --state shadow_only|failed")
+    try:
+        wanted = None if state is None else StudyState(state)
+    except ValueError:
+        raise fail(f"unknown state {state!r}; states: {', '.join(StudyState)}") from None
+    settings = command_settings(ctx)
+    with open_sessions(settings)() as session:
+        try:
+            queued = requeue(session, list(study_uids or []), wanted)
+        except (LookupError, InvalidTransition) as exc:
+            raise fail(f"{exc}; nothing was queued", 1) from exc
+        session.commit()
+    app = make_celery(settings)
+    for study in queued:
+        app.send_task(
+            ANALYSE_STUDY,
+            args=[study.study_instance_uid, study.generation],
+            queue=analysis_queue(study.priority),
+        )
+    typer.echo(f"{len(queued)} studies queued for analysis")
+
+
 @studies_app.command("show")
 def studies_show(ctx: typer.Context, study_uid: str, as_json: JsonFlag = False) -> None:
     """One study with its series and instances."""

@@ -46,7 +46,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _registry(ctx: typer.Context) -> Registry:
-    return Registry.for_data_dir(command_settings(ctx).data_dir)
+    settings = command_settings(ctx)
+    return Registry.for_data_dir(settings.data_dir, settings.demo_model)
 
 
 @model_app.command("list")
@@ -749,7 +750,7 @@ def model_eval(
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads.")] = 2,
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for the figures; default ./model-eval-NAME-VERSION."),
+        typer.Option(help="Folder for the figures; default DATA_DIR/model-eval/NAME-VERSION."),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -769,7 +770,10 @@ def model_eval(
             threads=threads,
             progress=lambda line: typer.echo(line, err=True),
         )
-    out_dir = out or Path(f"model-eval-{bundle.name}-{bundle.version}")
+    # Under the data directory, not the current one: run from a checkout, it would leave an
+    # untracked folder there.
+    data_dir = command_settings(ctx).data_dir
+    out_dir = out or data_dir / "model-eval" / f"{bundle.name}-{bundle.version}"
     try:
         figures = write_figures(evaluation, out_dir)
         data = {**evaluation.as_dict(), "figures": [str(path) for path in figures]}
@@ -778,6 +782,8 @@ def model_eval(
     except OSError as exc:
         typer.echo(f"error: cannot write the figures to {out_dir}: {exc}", err=True)
         raise typer.Exit(2) from exc
+    # With --json, stdout holds the JSON alone.
+    typer.echo(f"evaluation written to {out_dir}", err=as_json)
     if as_json:
         print_json(data)
         return

@@ -141,8 +141,7 @@ def validate(
     as_json: JsonFlag = False,
 ) -> None:
     """How each model does at each site, per finding, against labels from the site's reports."""
-    from plugin.models.registry import resolve_bundle
-    from plugin.validation.services import floors_of, intake_for
+    from plugin.validation.services import floors_of, intake_for, live_ref
     from plugin.validation.site_validation import validate as run_validation
 
     settings = command_settings(ctx)
@@ -150,7 +149,7 @@ def validate(
     sessions = open_sessions(settings)
     with exit_on_error():
         version = intake_for(settings, sessions, embed=False).catch_up()
-        live = resolve_bundle(settings.data_dir, settings.model_bundle).ref
+        live = live_ref(settings)
         answer = run_validation(
             sessions,
             version,

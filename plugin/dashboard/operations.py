@@ -186,16 +186,20 @@ async def promote_head(
     request: Request,
     board: Board,
     viewer: PostViewer,
-    labels: UploadFile,
     site: Annotated[str, Form(min_length=1, max_length=200)],
     head: Annotated[int, Form(ge=1)],
+    labels: UploadFile | None = None,
     force: Annotated[bool, Form()] = False,
+    reason: Annotated[str, Form(max_length=500)] = "",
 ) -> HTMLResponse:
-    """Validate a site head on uploaded labels of its site; activate it if not worse."""
+    """Put a site head through the go-live gate on the site's report labels (as `pacsclip
+    adapt promote`), or validate it on an uploaded labels CSV of its site."""
     from plugin.validation.head_promotion import promote_site_head
 
     if board.retrieval is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="no model is configured")
+    if labels is None or not labels.filename:
+        return _promote_through_gate(request, board, viewer, site, head, force, reason.strip())
     data = await labels.read(MAX_UPLOAD_BYTES + 1)
     if not data or len(data) > MAX_UPLOAD_BYTES:
         return _render(
@@ -228,6 +232,47 @@ async def promote_head(
             )
     logger.info("dashboard: site head %d validated, activated=%s", head, outcome.activated)
     return _render(board, request, viewer, promotion=outcome.as_dict())
+
+
+def _promote_through_gate(
+    request: Request,
+    board: Dashboard,
+    viewer: Any,
+    site: str,
+    head: int,
+    force: bool,
+    reason: str,
+) -> HTMLResponse:
+    from plugin.validation.head_promotion import gate_site_head
+
+    assert board.retrieval is not None  # checked by the caller
+    if force and not reason:
+        return _render(
+            board,
+            request,
+            viewer,
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            promotion={"error": "an override needs a reason: it is kept in the audit log"},
+        )
+    try:
+        outcome = gate_site_head(
+            board.settings,
+            board.sessions,
+            board.retrieval.bundle,
+            site,
+            head,
+            forced_reason=reason if force else None,
+        )
+    except (PacsclipError, ValueError) as exc:
+        return _render(
+            board,
+            request,
+            viewer,
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+            promotion={"error": str(exc)},
+        )
+    logger.info("dashboard: site head %d through the gate, activated=%s", head, outcome.activated)
+    return _render(board, request, viewer, promotion={"gate": outcome.as_dict()})
 
 
 def router() -> APIRouter:

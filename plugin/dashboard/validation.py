@@ -27,11 +27,11 @@ from plugin.catalog.worklist import site_keys
 from plugin.dashboard.monitoring import monitoring_png, monitoring_section
 from plugin.dashboard.pages import Board, PageViewer, render
 from plugin.errors import PacsclipError
-from plugin.models.registry import Registry, parse_ref, resolve_bundle
+from plugin.models.registry import Registry, parse_ref
 from plugin.settings import Settings
 from plugin.validation.golive import golive_decision
 from plugin.validation.intake import ReportIntake
-from plugin.validation.services import floors_of, intake_for
+from plugin.validation.services import floors_of, intake_for, live_ref
 from plugin.validation.site_validation import validate
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ValidationSource:
         self._sessions = sessions
         self._max_age_s = max_age_s
         self._clock = clock
-        self._intake: tuple[str, ReportIntake] | None = None  # (live model, its intake)
+        self._intake: tuple[str | None, ReportIntake] | None = None  # (live model, its intake)
         self._answers: dict[Filters, tuple[float, dict[str, Any]]] = {}
         # One computation at a time: a page's plots wait for its answer instead of repeating it.
         self._lock = threading.Lock()
@@ -96,7 +96,7 @@ class ValidationSource:
 
     def _compute(self, filters: Filters) -> dict[str, Any]:
         started = time.monotonic()
-        live = resolve_bundle(self._settings.data_dir, self._settings.model_bundle).ref
+        live = live_ref(self._settings)
         if self._intake is None or self._intake[0] != live:
             # The labeler's vocabulary holds the live bundle's findings: a new one, a new labeler.
             self._intake = (live, intake_for(self._settings, self._sessions, embed=False))
@@ -157,7 +157,7 @@ def validation_page(
         logger.warning("dashboard: validation unavailable (%s)", type(exc).__name__)
         values["error"] = f"validation is unavailable: {exc}"
         return render(board, request, "validation.html", viewer, **values)
-    registry = Registry.for_data_dir(board.settings.data_dir)
+    registry = Registry.for_data_dir(board.settings.data_dir, board.settings.demo_model)
     known = _registry_models(registry)
     values.update(
         answer=answer,

@@ -29,8 +29,6 @@ import numpy as np
 import numpy.typing as npt
 from scipy.stats import rankdata  # type: ignore[import-untyped]
 
-from plugin.demo import train
-from plugin.demo.packaging import read_train_result
 from plugin.demo.phantom import FINDINGS
 from plugin.demo.reports import HELDOUT, NEGATIVE, POSITIVE, build_sentence_bank
 from plugin.errors import PacsclipError
@@ -198,6 +196,8 @@ def retrieval_recalls(
     ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, dict[str, float]]:
     """Recall@k both ways; relevant = same key ("same findings") or the case's own report."""
+    from plugin.demo import train  # torch: not for the statistics above, which workers import
+
     similarity = np.asarray(image_embeds, dtype=np.float64) @ np.asarray(report_embeds).T
     ids = np.unique(np.array([repr(k) for k in keys]), return_inverse=True)[1]
     same = ids[:, None] == ids[None, :]
@@ -342,6 +342,8 @@ def evaluate_bundle(
     was trained with, which is read from its ``train-result.json`` when not given (0 for a
     bundle that was not trained on the demo sentences: every phrasing is new to it).
     """
+    from plugin.demo import train
+
     say = progress or logger.info
     findings = [f for f in bundle.manifest.findings if f.name in FINDINGS]
     if not findings:
@@ -423,6 +425,8 @@ def _heldout_prompts(
 
 
 def _training_seed(bundle: Bundle) -> int:
+    from plugin.demo.packaging import read_train_result
+
     result = read_train_result(bundle.directory)
     if result is None:
         return 0

@@ -11,10 +11,11 @@ Per message, in this order:
 4. the ACK is sent and the connection waits for the next message.
 
 A connection from an address outside ``hl7_allowed_hosts`` is closed before anything is read.
-A message is at most `MAX_MESSAGE_BYTES` (larger: AR, and the connection is closed, its framing
-lost); a connection that completes no message within `READ_TIMEOUT_S` is closed (senders
-reconnect). Logs name control ids, whether keys were present and the outcome: never the keys,
-the text or the patient.
+A message is at most `MAX_MESSAGE_BYTES`: a larger one is streamed to the inbox as it arrives
+(at most `OVERSIZE_KEPT_BYTES` of it stored, the rest counted), then answered AR with its size,
+and the connection goes on. A connection that completes no message within `READ_TIMEOUT_S` is
+closed (senders reconnect). Logs name control ids, whether keys were present and the outcome:
+never the keys, the text or the patient.
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from hl7.mllp import InvalidBlockError, start_hl7_server  # type: ignore[import-untyped]
+from hl7.mllp import start_hl7_server  # type: ignore[import-untyped]
 
 from plugin.errors import ConfigError
 from plugin.hl7_inbound.ack import AckCode, ErrorCondition, build_ack
-from plugin.hl7_inbound.inbox import Inbox, file_name, inbox_dir
+from plugin.hl7_inbound.framing import (
+    OversizeNotKept,
+    UnframedBlock,
+    read_message,
+    stream_limit,
+)
+from plugin.hl7_inbound.inbox import Inbox, OversizeMessage, file_name, inbox_dir
 from plugin.hl7_inbound.parse import (
     MessageHeader,
     MessageRefused,
@@ -44,6 +51,7 @@ from plugin.hl7_inbound.parse import (
     UnsupportedMessage,
     parse_report,
     peek_control_id,
+    peek_header,
 )
 from plugin.settings import Settings
 from plugin.validation.intake import ReportIntake
@@ -53,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE: Final = "hl7"
 MAX_MESSAGE_BYTES: Final = 1 << 20
+# What is stored of a message over the limit: enough to show the sender's operators what came
+# (a whole report with a large embedded document), bounded so that no sender fills the disk.
+OVERSIZE_KEPT_BYTES: Final = 16 * MAX_MESSAGE_BYTES
 READ_TIMEOUT_S: Final = 60.0
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -80,6 +91,8 @@ class ReportListener:
         *,
         allowed_hosts: frozenset[IPAddress] = frozenset(),
         read_timeout_s: float = READ_TIMEOUT_S,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        oversize_kept_bytes: int = OVERSIZE_KEPT_BYTES,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         new_control_id: Callable[[], str] = lambda: uuid.uuid4().hex[:20],
     ) -> None:
@@ -87,6 +100,8 @@ class ReportListener:
         self.inbox = inbox
         self.allowed_hosts = frozenset(_unmapped(a) for a in allowed_hosts)
         self.read_timeout_s = read_timeout_s
+        self.max_message_bytes = max_message_bytes
+        self.oversize_kept_bytes = oversize_kept_bytes
         self._clock = clock
         self._new_control_id = new_control_id
         # The intake labels every report not yet labeled and appends to the report index:
@@ -120,7 +135,10 @@ class ReportListener:
                 raw = await self._next_message(reader, writer, task)
                 if raw is None:
                     break
-                ack = await self.handle_message(raw)
+                if isinstance(raw, OversizeMessage):
+                    ack = await self.handle_oversize(raw)
+                else:
+                    ack = await self.handle_message(raw)
                 writer.writeblock(ack.encode("utf-8"))
                 await writer.drain()
         except (ConnectionError, ssl.SSLError) as exc:
@@ -132,24 +150,28 @@ class ReportListener:
 
     async def _next_message(
         self, reader: Any, writer: Any, task: asyncio.Task[Any] | None
-    ) -> bytes | None:
-        """The next message's bytes; None when the connection is to be closed. While it waits,
-        `stop` may cancel it."""
+    ) -> bytes | OversizeMessage | None:
+        """The next message: its bytes, or the temp file a message over the limit was streamed
+        to; None when the connection is to be closed. While it waits, `stop` may cancel it."""
         if task is not None:
             self._reading.add(task)
         try:
             while True:
                 try:
-                    block: bytes = await asyncio.wait_for(reader.readblock(), self.read_timeout_s)
-                    return block
-                except InvalidBlockError:
-                    logger.warning("hl7 block without its MLLP start character: refused")
-                    await self._answer_unframed(writer, "cannot parse: not framed as MLLP")
-                except ValueError:  # the stream's limit: no end block within it
-                    logger.warning("hl7 message over %d bytes: refused", MAX_MESSAGE_BYTES)
-                    await self._answer_unframed(
-                        writer, f"message larger than {MAX_MESSAGE_BYTES} bytes"
+                    return await asyncio.wait_for(
+                        read_message(reader, self._receive_oversize), self.read_timeout_s
                     )
+                except UnframedBlock as exc:
+                    logger.warning("hl7 block without its MLLP start character: refused")
+                    await self._answer_unframed(writer, str(exc))
+                except OversizeNotKept as exc:
+                    # The rest of the message is still on its way: the framing is lost.
+                    logger.error(
+                        "hl7 message over %d bytes not kept: %s", self.max_message_bytes, exc
+                    )
+                    outcome = _not_kept()
+                    writer.writeblock(self._ack(outcome, "").encode("utf-8"))
+                    await writer.drain()
                     return None
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial:
@@ -161,6 +183,9 @@ class ReportListener:
         finally:
             if task is not None:
                 self._reading.discard(task)
+
+    def _receive_oversize(self) -> OversizeMessage:
+        return self.inbox.receive_oversize(self.oversize_kept_bytes)
 
     async def _answer_unframed(self, writer: Any, reason: str) -> None:
         outcome = Outcome(AckCode.APPLICATION_REJECT, reason, ErrorCondition.SEGMENT_SEQUENCE_ERROR)
@@ -177,13 +202,7 @@ class ReportListener:
             logger.error(
                 "hl7 message %s not kept: %s", file_name(received_at, control_id), exc.strerror
             )
-            outcome = Outcome(
-                AckCode.APPLICATION_ERROR,
-                "not stored: the message cannot be written to disk; send it again",
-                ErrorCondition.APPLICATION_INTERNAL_ERROR,
-                summary="not kept",
-            )
-            return self._ack(outcome, control_id)
+            return self._ack(_not_kept(), control_id)
         outcome = await self._outcome(raw, kept.name)
         report = outcome.report
         logger.info(
@@ -197,6 +216,39 @@ class ReportListener:
         )
         acknowledged = outcome.header.control_id if outcome.header else control_id
         return self._ack(outcome, acknowledged)
+
+    async def handle_oversize(self, message: OversizeMessage) -> str:
+        """Keep a message over the limit (what was stored of it) and refuse it; the ACK."""
+        received_at = self._clock()
+        header = peek_header(message.head)
+        control_id = header.control_id if header else peek_control_id(message.head)
+        try:
+            kept = await asyncio.to_thread(
+                self.inbox.keep_oversize, message, control_id, received_at
+            )
+        except OSError as exc:
+            message.discard()
+            logger.error(
+                "hl7 message %s not kept: %s", file_name(received_at, control_id), exc.strerror
+            )
+            return self._ack(_not_kept(), control_id)
+        reason = (
+            f"message of {message.received} bytes is larger than the limit of "
+            f"{self.max_message_bytes} bytes"
+        )
+        logger.warning(
+            "hl7 message %s: %d bytes, over the limit of %d; %d bytes kept%s -> %s",
+            kept.name,
+            message.received,
+            self.max_message_bytes,
+            message.stored,
+            " (truncated)" if message.truncated else "",
+            AckCode.APPLICATION_REJECT.value,
+        )
+        outcome = Outcome(
+            AckCode.APPLICATION_REJECT, reason, ErrorCondition.SEGMENT_SEQUENCE_ERROR, header
+        )
+        return self._ack(outcome, control_id)
 
     async def _outcome(self, raw: bytes, kept_as: str) -> Outcome:
         try:
@@ -277,6 +329,15 @@ class ReportListener:
             await asyncio.gather(*busy, return_exceptions=True)
 
 
+def _not_kept() -> Outcome:
+    return Outcome(
+        AckCode.APPLICATION_ERROR,
+        "not stored: the message cannot be written to disk; send it again",
+        ErrorCondition.APPLICATION_INTERNAL_ERROR,
+        summary="not kept",
+    )
+
+
 def _refused(code: AckCode, exc: MessageRefused, condition: ErrorCondition) -> Outcome:
     # MessageRefused reasons never quote the message, so they can be logged.
     return Outcome(code, str(exc), condition, exc.header, summary=f"refused: {exc}")
@@ -343,7 +404,7 @@ async def serve(
         listener.handle_connection,
         settings.hl7_listen_host,
         settings.hl7_listen_port,
-        limit=MAX_MESSAGE_BYTES,
+        limit=stream_limit(listener.max_message_bytes),
         ssl=server_ssl_context(settings),
     )
     port = int(server.sockets[0].getsockname()[1])

@@ -113,6 +113,17 @@ def peek_control_id(raw: bytes) -> str:
     return fields[9].strip() if len(fields) > 9 else ""
 
 
+def peek_header(raw: bytes) -> MessageHeader | None:
+    """The MSH of a message that is not parsed whole (one over the size limit), to address its
+    answer; None when its first segment is not a readable MSH."""
+    first_segment = re.split(rb"[\r\n]", raw.lstrip(), maxsplit=1)[0]
+    try:
+        message = _parse(first_segment + b"\r")
+        return _header(message, _delimiters(message))
+    except (MessageRefused, *_GRAMMAR_ERRORS):
+        return None
+
+
 def parse_report(raw: bytes) -> ReportMessage:
     """The report an ORU^R01 carries, or `MessageRefused` saying why there is none."""
     message = _parse(raw)

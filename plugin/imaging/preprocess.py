@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where Pillow is absent
 logger = logging.getLogger(__name__)
 
 ResizeMode = Literal["letterbox", "stretch", "center-crop"]
+CropOffset = Literal["floor", "round"]
 WindowMode = Literal["voi_lut_or_minmax", "minmax"]
 
 PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -72,6 +73,7 @@ class ImageSpec(BaseModel):
     mean: tuple[float, ...] = Field(min_length=1)
     std: tuple[float, ...] = Field(min_length=1)
     resize: ResizeMode = "letterbox"
+    crop_offset: CropOffset = "floor"
     window: WindowMode = "voi_lut_or_minmax"
     invert_monochrome1: bool = True
 
@@ -272,7 +274,7 @@ def model_input(image: NDArray[Any], spec: ImageSpec) -> NDArray[np.float32]:
     """A display array [H, W] in [0, 1] -> float32 [C, size, size], resized and normalised."""
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D display array, got shape {image.shape}")
-    fitted = _fit(np.asarray(image, dtype=np.float32), spec.size, spec.resize)
+    fitted = _fit(np.asarray(image, dtype=np.float32), spec.size, spec.resize, spec.crop_offset)
     channels = np.repeat(fitted[np.newaxis], spec.channels, axis=0)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, np.newaxis, np.newaxis]
     std = np.asarray(spec.std, dtype=np.float32)[:, np.newaxis, np.newaxis]
@@ -293,22 +295,54 @@ def dataset_input(ds: Dataset, spec: ImageSpec, frame: int | None = None) -> NDA
     return model_input(image, spec)
 
 
-def _fit(image: NDArray[np.float32], size: int, mode: ResizeMode) -> NDArray[np.float32]:
+class Fit(NamedTuple):
+    """Where an image goes in the square input: resized to ``resized`` (height, width), then
+    cropped (center-crop) or placed on a black canvas (letterbox) at ``offset`` (top, left)."""
+
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def fit_geometry(
+    height: int, width: int, size: int, mode: ResizeMode, crop_offset: CropOffset = "floor"
+) -> Fit:
+    """The integer arithmetic of each mode's reference, so that every pixel lands where the
+    model's own preprocessing put it in training.
+
+    center-crop: the short side becomes ``size`` and the long side ``int(size * long / short)``
+    (torchvision's Resize and transformers' ``get_resize_output_image_size`` both truncate);
+    the crop starts at ``(new - size) // 2`` (transformers) or ``round((new - size) / 2)``
+    (torchvision's CenterCrop, used by open_clip). letterbox: open_clip's ``ResizeKeepRatio``
+    (``round(side / ratio)``, ratio = longest side / size) and ``CenterCropOrPad``, which pads
+    ``(size - new) // 2`` before the image.
+    """
+    if mode == "stretch":
+        return Fit((size, size), (0, 0))
+    if mode == "center-crop":
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(size * long / short)
+        new_h, new_w = (new_long, size) if width <= height else (size, new_long)
+        if crop_offset == "round":
+            return Fit((new_h, new_w), (round((new_h - size) / 2.0), round((new_w - size) / 2.0)))
+        return Fit((new_h, new_w), ((new_h - size) // 2, (new_w - size) // 2))
+    ratio = max(height / size, width / size)
+    # open_clip would fail on a side that rounds to 0; one pixel keeps such a sliver visible.
+    new_h, new_w = max(1, round(height / ratio)), max(1, round(width / ratio))
+    return Fit((new_h, new_w), ((size - new_h) // 2, (size - new_w) // 2))
+
+
+def _fit(
+    image: NDArray[np.float32], size: int, mode: ResizeMode, crop_offset: CropOffset
+) -> NDArray[np.float32]:
     """Square [size, size] image; letterbox pads with 0 (black) before normalisation."""
     height, width = image.shape
-    if mode == "stretch":
-        return _resize(image, size, size)
-    if mode == "center-crop":
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        return _resize(image, new_h, new_w)[top : top + size, left : left + size]
-    scale = size / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    canvas = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = _resize(image, new_h, new_w)
-    return canvas
+    (new_h, new_w), (top, left) = fit_geometry(height, width, size, mode, crop_offset)
+    resized = _resize(image, new_h, new_w)
+    if mode == "letterbox":
+        canvas = np.zeros((size, size), dtype=np.float32)
+        canvas[top : top + new_h, left : left + new_w] = resized
+        return canvas
+    return resized[top : top + size, left : left + size]
 
 
 def _resize(image: NDArray[np.float32], height: int, width: int) -> NDArray[np.float32]:

@@ -114,6 +114,10 @@ class ImageSpec(_Strict):
     std: list[float]
     # Same vocabulary as plugin.imaging.preprocess.ImageSpec, which does the pixel work.
     resize: Literal["letterbox", "stretch", "center-crop"] = "letterbox"
+    # Where a center crop starts when the margin is odd: "floor" as transformers' image
+    # processors place it, "round" (half to even) as torchvision's CenterCrop in open_clip does.
+    # Bundles written before this key existed were cropped with "floor".
+    crop_offset: Literal["floor", "round"] = "floor"
     window: Literal["voi_lut_or_minmax", "minmax"] = "voi_lut_or_minmax"
     invert_monochrome1: bool = True
 
@@ -140,6 +144,16 @@ class BundleFiles(_Strict):
     prompt_embeddings: FileRef | None = None
 
 
+# What is done to a text before tokenizer.json sees it (plugin.models.runtime.clean_text): the
+# cleaning of the model's own tokenizer. "open_clip_*" are open_clip's clean functions (ftfy,
+# HTML entities unescaped twice, whitespace; then lower-casing or canonicalisation), "siglip" is
+# transformers' SiglipTokenizer.canonicalize_text, "none" leaves the text to tokenizer.json's
+# own normalizer (transformers' CLIP tokenizer does all its cleaning there).
+TextCleaning = Literal[
+    "none", "open_clip_lower", "open_clip_whitespace", "open_clip_canonicalize", "siglip"
+]
+
+
 class TextEncoderSpec(_Strict):
     """Where text embeddings come from, if the bundle can embed new text at all."""
 
@@ -148,9 +162,17 @@ class TextEncoderSpec(_Strict):
     package_sha256: str | None = None
     projection: FileRef | None = None
     max_length: int = Field(77, ge=1, le=4096)
+    # "none" for bundles written before this key existed: their prompt embeddings were computed
+    # from raw text, and new text must be embedded the same way to be compared with them.
+    cleaning: TextCleaning = "none"
 
     @model_validator(mode="after")
     def _package_fields(self) -> TextEncoderSpec:
+        if self.cleaning != "none" and self.kind != "onnx":
+            raise ValueError(
+                f"text_encoder.cleaning {self.cleaning!r} is for the ONNX text tower's "
+                f"tokenizer (kind is {self.kind!r}): remove it or change the kind"
+            )
         if self.kind == "installed-package":
             if not self.package or not self.package_sha256:
                 raise ValueError(

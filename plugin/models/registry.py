@@ -11,6 +11,10 @@ Layout::
 
 Built-in bundles (the demo model shipped inside the package) are read where they lie and are
 never copied; ``registry.json`` only remembers their ``name@version`` when one is active.
+
+While no bundle is active, the built-in demo is live or runs in shadow at every site, as the
+registry's ``demo`` says (the ``demo_model`` setting): live for the quick start, shadow where
+nothing synthetic may reach a clinical PACS.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,6 +51,7 @@ from plugin.models.bundle import (
 logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.json"
+DemoRole = Literal["live", "shadow"]
 DEMO_BUNDLE_DIR = Path(__file__).parent / "demo"
 
 
@@ -140,14 +146,17 @@ def builtin_bundle_dirs() -> list[Path]:
 class Registry:
     """Bundles installed under ``root`` plus the built-in ones in ``builtin_dirs``."""
 
-    def __init__(self, root: Path, builtin_dirs: Sequence[Path] = ()) -> None:
+    def __init__(
+        self, root: Path, builtin_dirs: Sequence[Path] = (), demo: DemoRole = "live"
+    ) -> None:
         self.root = Path(root)
         self.builtin_dirs = [Path(d) for d in builtin_dirs]
+        self.demo = demo
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path) -> Registry:
+    def for_data_dir(cls, data_dir: Path, demo: DemoRole = "live") -> Registry:
         """The registry of a pacsclip data directory, with the package's built-in bundles."""
-        return cls(Path(data_dir) / "models", builtin_dirs=builtin_bundle_dirs())
+        return cls(Path(data_dir) / "models", builtin_dirs=builtin_bundle_dirs(), demo=demo)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -156,7 +165,8 @@ class Registry:
         state = self._read()
         entries = [self._installed_entry(r, state.active) for r in state.installed]
         seen = {e.ref for e in entries}
-        for entry in self._builtin_entries(state.active):
+        live = state.active or (self._demo_ref() if self.demo == "live" else None)
+        for entry in self._builtin_entries(live):
             if entry.ref not in seen:
                 entries.append(entry)
         return sorted(entries, key=lambda e: (e.builtin, e.name, _version_key(e.version)))
@@ -179,6 +189,22 @@ class Registry:
             return None
         name, version = parse_ref(state.active)
         return load_bundle(self._find(name, version).path)
+
+    def live(self) -> Bundle | None:
+        """The bundle whose results go out: the active one, else the built-in demo when it is
+        live; None when no model is live (the demo, if any, runs in shadow)."""
+        active = self.active()
+        if active is not None or self.demo != "live":
+            return active
+        demo = self._demo_dir()
+        return None if demo is None else load_bundle(demo)
+
+    def live_ref(self) -> str | None:
+        """``name@version`` of :meth:`live`, without loading it."""
+        active = self._read().active
+        if active is not None or self.demo != "live":
+            return active
+        return self._demo_ref()
 
     # -- changing --------------------------------------------------------------------------
 
@@ -213,7 +239,14 @@ class Registry:
         return bundle
 
     def shadows(self) -> builtins.list[ShadowModel]:
-        return list(self._read().shadow)
+        """The candidates in shadow, with the built-in demo at every site while it is the
+        fallback but not live."""
+        state = self._read()
+        shadows = list(state.shadow)
+        demo = self._demo_ref() if self.demo == "shadow" and state.active is None else None
+        if demo is not None and all(s.ref != demo for s in shadows):
+            shadows.append(ShadowModel(ref=demo, site=None))
+        return shadows
 
     def set_shadow(self, name: str, version: str, site: str | None, on: bool = True) -> None:
         """Run ``name@version`` in shadow at ``site`` (every site when None), or stop it."""
@@ -239,6 +272,13 @@ class Registry:
         return load_bundle(self._find(name, version).path)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _demo_dir(self) -> Path | None:
+        return next((d for d in self.builtin_dirs if (d / "bundle.json").is_file()), None)
+
+    def _demo_ref(self) -> str | None:
+        directory = self._demo_dir()
+        return None if directory is None else read_manifest(directory).ref
 
     def _find(self, name: str, version: str | None) -> RegistryEntry:
         candidates = [e for e in self.list() if e.name == name]
@@ -390,3 +430,22 @@ def resolve_bundle(data_dir: Path, bundle_dir: Path | None = None) -> Bundle:
         "no model bundle: install one with 'pacsclip model install DIR --activate' "
         "or pass --bundle DIR"
     )
+
+
+def live_bundle(
+    data_dir: Path, bundle_dir: Path | None = None, demo: DemoRole = "live"
+) -> Bundle | None:
+    """The bundle whose results go out: an explicit folder, else the registry's live one;
+    None when no model is live."""
+    if bundle_dir is not None:
+        return load_bundle(bundle_dir)
+    return Registry.for_data_dir(data_dir, demo).live()
+
+
+def live_model_ref(
+    data_dir: Path, bundle_dir: Path | None = None, demo: DemoRole = "live"
+) -> str | None:
+    """``name@version`` of :func:`live_bundle`."""
+    if bundle_dir is not None:
+        return read_manifest(bundle_dir).ref
+    return Registry.for_data_dir(data_dir, demo).live_ref()

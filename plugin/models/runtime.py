@@ -11,7 +11,10 @@ gives ``text_embeds`` [N, D].
 
 from __future__ import annotations
 
+import html
 import logging
+import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy.typing as npt
 import onnxruntime as ort  # type: ignore[import-untyped]
 
 from plugin.errors import PacsclipError
-from plugin.models.bundle import Bundle, BundleError, Finding
+from plugin.models.bundle import Bundle, BundleError, Finding, TextCleaning
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -47,6 +50,8 @@ ACCELERATED_PROVIDERS = (
 )
 
 _EPS = 1e-12
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_SPIECE_UNDERLINE = "\u2581"
 
 
 class ModelRuntimeError(PacsclipError):
@@ -242,6 +247,41 @@ class ImageEncoder:
         return pixels
 
 
+def clean_text(text: str, cleaning: TextCleaning) -> str:
+    """``text`` as the model's own tokenizer cleaned it before tokenising (manifest key
+    ``text_encoder.cleaning``); tokenizer.json's normalizer runs after this.
+
+    The ``open_clip_*`` modes are open_clip's ``_clean_lower``, ``_clean_whitespace`` and
+    ``_clean_canonicalize`` (open_clip/tokenizer.py); ``siglip`` is transformers'
+    ``SiglipTokenizer.canonicalize_text`` with lower-casing.
+    """
+    if cleaning == "none":
+        return text
+    if cleaning == "siglip":
+        # SiglipTokenizer.tokenize turns the SentencePiece word marker into a space first.
+        lowered = text.replace(_SPIECE_UNDERLINE, " ").lower()
+        return re.sub(r"\s+", " ", lowered.translate(_NO_PUNCTUATION)).strip()
+    cleaned = _open_clip_basic_clean(text)
+    if cleaning == "open_clip_canonicalize":
+        cleaned = cleaned.replace("_", " ").translate(_NO_PUNCTUATION).lower()
+    cleaned = " ".join(cleaned.split())
+    return cleaned.lower() if cleaning == "open_clip_lower" else cleaned
+
+
+def _open_clip_basic_clean(text: str) -> str:
+    # Imported here: only open_clip-layout bundles need ftfy, and it takes 0.1 s to load.
+    try:
+        import ftfy
+    except ImportError as exc:
+        raise ModelRuntimeError(
+            "the 'ftfy' package is needed to clean text as open_clip does: pip install ftfy"
+        ) from exc
+
+    # ftfy repairs mojibake and curly quotes; reports and web captions also carry HTML
+    # entities, sometimes escaped twice ("&amp;amp;").
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
 def load_tokenizer(path: Path, max_length: int, fixed_length: int | None = None) -> Tokenizer:
     """A Hugging Face ``tokenizer.json`` with truncation and padding set for a text tower."""
     try:
@@ -289,6 +329,7 @@ class TextEncoder:
         _check_dim(self.path, f"{TEXT_EMBEDS} size", embeds.shape[1], bundle.embedding_dim)
         self._has_mask = ATTENTION_MASK in inputs
         self._fixed_batch = _fixed(ids.shape[0])
+        self._cleaning = spec.cleaning
         self._tokenizer = load_tokenizer(
             bundle.tokenizer_path, spec.max_length, _fixed(ids.shape[1])
         )
@@ -304,7 +345,7 @@ class TextEncoder:
         return l2_normalize(embeds)
 
     def _encode_chunk(self, texts: list[str]) -> FloatArray:
-        encodings = self._tokenizer.encode_batch(texts)
+        encodings = self._tokenizer.encode_batch([clean_text(t, self._cleaning) for t in texts])
         rows = self._fixed_batch or len(texts)
         ids = _pad_rows(np.array([e.ids for e in encodings], dtype=np.int64), rows)
         feeds = {INPUT_IDS: ids}

@@ -1,5 +1,6 @@
 """Monitoring after go-live: per site, model and finding, the figures of a rolling window of
-labeled studies, compared with floors and with the alert rate before the window.
+labeled studies, compared with floors and with the alert rate of the labeled studies before
+the window (at most `BASELINE_WINDOWS` windows' worth).
 
 A figure that falls below its floor, or an alert rate that leaves its band, raises an alert
 once (when it starts; a recovery is logged too): a warning in the log, and the STAT webhook's
@@ -33,6 +34,11 @@ logger = logging.getLogger(__name__)
 LATEST = "latest.json"
 HISTORY = "history.jsonl"
 STATE = "alerts.json"
+# The alert rate's baseline: at most this many windows' worth of labeled studies before the
+# window. Bounded, so that a run reads the same number of studies however old the site is;
+# five windows keep the baseline's noise well below the window's (a baseline of one window
+# would double the variance of the difference, and with it the false alerts).
+BASELINE_WINDOWS = 5
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,12 @@ class Window:
     studies: int = 200
     days: int = 30
     alert_rate_tolerance: float = 0.10
+
+    @property
+    def history(self) -> int:
+        """How many of the newest labeled studies per (site, model, finding) the figures read:
+        the window and the baseline before it."""
+        return (1 + BASELINE_WINDOWS) * self.studies
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class WindowFigure:
     auroc: float | None
     ppv: float | None
     alert_rate: float | None
-    baseline_alert_rate: float | None  # the alert rate before the window
+    baseline_alert_rate: float | None  # the alert rate of the labeled studies before the window
     problems: tuple[str, ...]  # empty when every figure is within its floor or band
 
 
@@ -65,7 +77,12 @@ def window_figures(
     floors: Floors,
     now: datetime,
 ) -> list[WindowFigure]:
-    """The window's figures of every (site, model, finding) among ``rows`` (oldest first)."""
+    """The window's figures of every (site, model, finding) among ``rows`` (oldest first).
+
+    Of each (site, model, finding), only the newest `Window.history` studies labeled present or
+    absent count, and the newest row's thresholds: rows older than those may be left out
+    (`plugin.catalog.report_labels.monitored_studies`) without changing a figure.
+    """
     groups: dict[tuple[str, str], list[ScoredStudy]] = defaultdict(list)
     for row in rows:
         if row.scored:
@@ -92,8 +109,12 @@ def _figure(
     labeled = [r for r in scored if _label(labels, r, finding) is not None]
     recent_ids = {r.study_id for r in recent}
     in_window = [r for r in labeled if r.study_id in recent_ids][-window.studies :]
-    before = labeled[: labeled.index(in_window[0])] if in_window else labeled
-    threshold = next((r.thresholds[finding] for r in scored if finding in r.thresholds), 0.5)
+    end = labeled.index(in_window[0]) if in_window else len(labeled)
+    before = labeled[max(end - BASELINE_WINDOWS * window.studies, 0) : end]
+    # The newest analysis's: the threshold the model flags with now.
+    threshold = next(
+        (r.thresholds[finding] for r in reversed(scored) if finding in r.thresholds), 0.5
+    )
     scores = [r.probabilities[finding] for r in in_window if finding in r.probabilities]
     truth = [_label(labels, r, finding) is True for r in in_window if finding in r.probabilities]
     result = finding_figures(scores, truth, threshold, floors)

@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from plugin.catalog.report_labels import scored_labeled_studies, study_labels
+from plugin.catalog.report_labels import monitored_studies, study_labels
 from plugin.catalog.repository import audit
 from plugin.models.bundle import Bundle
-from plugin.models.registry import resolve_bundle
+from plugin.models.registry import live_model_ref, resolve_bundle
 from plugin.retrieval.index import RetrievalError
 from plugin.settings import Settings
 from plugin.validation.golive import GateDecision, golive_decision
@@ -96,6 +96,11 @@ def intake_for(
     return ReportIntake(sessions, lambda: labeler_for(settings), index)
 
 
+def live_ref(settings: Settings) -> str | None:
+    """``name@version`` of the live model; None when no model is live."""
+    return live_model_ref(settings.data_dir, settings.model_bundle, settings.demo_model)
+
+
 def floors_of(settings: Settings) -> Floors:
     return Floors(
         min_positives=settings.validation_min_positives,
@@ -117,18 +122,31 @@ def check_golive(
     when an operator overrides a refusal)."""
     intake = intake_for(settings, sessions, embed=False)
     version = intake.catch_up()
-    live = resolve_bundle(settings.data_dir, settings.model_bundle).ref
+    live = live_ref(settings)
     floors = floors_of(settings)
     validation = validate(sessions, version, live_model=live, site=site, floors=floors)
     decision = golive_decision(
         validation, candidate, floors=floors, has_ood_reference=has_ood_reference
     )
+    record_decision(sessions, decision, live, forced_reason)
+    return decision
+
+
+def record_decision(
+    sessions: sessionmaker[Session],
+    decision: GateDecision,
+    live: str | None,
+    forced_reason: str | None,
+) -> None:
+    """The gate's decision in the audit log, with the reason when an operator overrides."""
+    candidate = decision.candidate
+    replaces = f"replaces {live}" if live else "goes live (no model was live)"
     if decision.allowed:
-        event, detail = "golive", f"{candidate} replaces {live}: every check passed"
+        event, detail = "golive", f"{candidate} {replaces}: every check passed"
     elif forced_reason is not None:
         event = "golive_forced"
         detail = (
-            f"{candidate} replaces {live} by override: {forced_reason}; refused because: "
+            f"{candidate} {replaces} by override: {forced_reason}; refused because: "
             + "; ".join(decision.reasons)
         )
     else:
@@ -137,7 +155,6 @@ def check_golive(
         audit(session, event, None, detail=detail)
         session.commit()
     logger.info("go-live gate for %s: %s", candidate, event)
-    return decision
 
 
 def monitor_store(settings: Settings) -> MonitorStore:
@@ -150,14 +167,14 @@ def run_monitoring(
     """Recompute the window figures, keep them, and raise the alerts that start or end."""
     intake = intake or intake_for(settings, sessions, embed=False)
     version = intake.catch_up()
-    with sessions() as session:
-        rows = scored_labeled_studies(session, version, site=None, since=None)
-        labels = study_labels(session, sorted({r.study_id for r in rows}), version)
     window = Window(
         studies=settings.monitor_window_studies,
         days=settings.monitor_window_days,
         alert_rate_tolerance=settings.monitor_alert_rate_tolerance,
     )
+    with sessions() as session:
+        rows = monitored_studies(session, version, newest=window.history)
+        labels = study_labels(session, sorted({r.study_id for r in rows}), version)
     now = now_utc()
     figures = window_figures(rows, labels, window=window, floors=floors_of(settings), now=now)
     alerts = monitor_store(settings).record(figures, now)

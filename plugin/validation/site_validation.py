@@ -64,6 +64,27 @@ def validate(
     }
 
 
+def compare_at_site(
+    site: str,
+    live_rows: Sequence[ScoredStudy],
+    candidate_rows: Sequence[ScoredStudy],
+    labels: dict[int, dict[str, str | None]],
+    floors: Floors,
+) -> dict[str, Any]:
+    """The validation report of one site for scores computed outside the catalog's analyses
+    (a site head rescoring the stored embeddings), in :func:`validate`'s shape."""
+    live = live_rows[0].model if live_rows else None
+    models = [_model_figures(live, live_rows, labels, floors, live, None)] if live else []
+    if candidate_rows:
+        candidate = candidate_rows[0].model
+        models.append(_model_figures(candidate, candidate_rows, labels, floors, live, live_rows))
+    return {
+        "live_model": live,
+        "floors": asdict(floors),
+        "sites": [{"site": site, "models": models}],
+    }
+
+
 def _model_figures(
     model: str,
     rows: Sequence[ScoredStudy],

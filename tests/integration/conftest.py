@@ -96,14 +96,17 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bundle(root / "tiny", export_image_tower(TinyImageTower(), root / "tower.onnx"))
 
 
-def worker_env(settings: Settings, bundle: Path) -> dict[str, str]:
+def worker_env(settings: Settings, bundle: Path | None) -> dict[str, str]:
+    """``bundle`` None: the registry's live model (``demo_model`` decides about the demo)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSCLIP_")}
+    if bundle is not None:
+        env["PACSCLIP_MODEL_BUNDLE"] = str(bundle)
     env.update(
         PACSCLIP_DATA_DIR=str(settings.data_dir),
         PACSCLIP_DATABASE_URL=settings.effective_database_url,
         PACSCLIP_BROKER_URL=settings.effective_broker_url,
         PACSCLIP_RESULT_BACKEND_URL=settings.effective_result_backend_url,
-        PACSCLIP_MODEL_BUNDLE=str(bundle),
+        PACSCLIP_DEMO_MODEL=settings.demo_model,
         PACSCLIP_INFERENCE_THREADS="1",
         PACSCLIP_DESTINATIONS=json.dumps([d.model_dump() for d in settings.destinations]),
         PACSCLIP_DISPATCH_MAX_RETRIES=str(settings.dispatch_max_retries),
@@ -135,7 +138,7 @@ run()
 class Pipeline:
     """An in-process node publishing to a real Celery worker process."""
 
-    def __init__(self, settings: Settings, node: DicomNode, bundle: Path, log: Path) -> None:
+    def __init__(self, settings: Settings, node: DicomNode, bundle: Path | None, log: Path) -> None:
         self.settings, self.node, self.bundle, self.log = settings, node, bundle, log
         self.worker = self.start_worker()
 
@@ -199,11 +202,16 @@ def pipeline(
     started: list[Pipeline] = []
 
     def start(
-        *, slow_analysis_s: float = 0.0, bundle: Path | None = None, **overrides: Any
+        *,
+        slow_analysis_s: float = 0.0,
+        bundle: Path | None = None,
+        registry: bool = False,
+        **overrides: Any,
     ) -> Pipeline:
         """``bundle``: the worker's model (default: the tiny test bundle, which has no
-        out-of-distribution reference and so scores every image)."""
-        model = bundle or bundle_dir
+        out-of-distribution reference and so scores every image); ``registry``: none, the
+        data directory's registry says what is live."""
+        model = None if registry else bundle or bundle_dir
         settings = make_settings(model_bundle=model, **overrides)
         catalog = open_catalog(settings.effective_database_url)
         node = DicomNode(

@@ -137,3 +137,31 @@ def test_reports_over_mllp_are_kept_linked_labeled_and_acknowledged(
     # What it logs of the messages: control ids and outcomes, not the patient or the text.
     for patient_data in ("ACC-100", "DOE", "PID-77", "Large right", "Heart size"):
         assert patient_data not in log
+
+
+def test_a_report_over_the_size_limit_is_kept_refused_and_the_next_one_served(
+    listener: Listener, catalog: Catalog, tmp_path: Path
+) -> None:
+    add_study(catalog, "ACC-200")
+    large = oru("MSG-BIG", "ACC-200", "Large right pneumothorax. " + "x" * (2 << 20))
+    after = oru("MSG-3", "ACC-200", "Small left pleural effusion.")
+
+    with listener.connect() as conn:
+        assert exchange(conn, large) == (
+            "AR",
+            "MSG-BIG",
+            f"message of {len(large)} bytes is larger than the limit of 1048576 bytes",
+        )
+        assert exchange(conn, after) == ("AA", "MSG-3", "")
+
+    inbox = inbox_dir(listener.data_dir)
+    (oversize,) = inbox.glob("*.oversize.hl7")
+    assert oversize.name.endswith("-MSG-BIG.oversize.hl7")
+    assert oversize.read_bytes() == large
+    assert [p.read_bytes() for p in inbox.glob("*-MSG-3.hl7")] == [after]
+    with catalog.sessions() as session:
+        texts = [r.text for r in session.scalars(select(StudyReport))]
+        assert texts == ["Small left pleural effusion."]
+    log = (tmp_path / "hl7-listen.log").read_text()
+    assert f"{len(large)} bytes, over the limit of 1048576" in log
+    assert "Large right" not in log and "DOE" not in log

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,18 +13,17 @@ from pathlib import Path
 import pydicom
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import text
 
 from plugin.catalog import repository
 from plugin.catalog.db import alembic_config
 from tests.integration.conftest import RunningNode
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import storescu
+from tests.peers.postgres import scratch_database
 
 pytestmark = pytest.mark.postgres
 
-SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432"
 SUCCESS = 0x0000
 NODE_AET = "PACSCLIP"
 STUDY_FIELDS = {"study_instance_uid", "state", "site", "instances", "received_at", "priority"}
@@ -34,25 +32,8 @@ STUDY_FIELDS = {"study_instance_uid", "state", "site", "instances", "received_at
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
     """A fresh database on the local server for this module, dropped afterwards."""
-    admin = create_engine(
-        f"{SERVER_URL}/postgres", isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    try:
-        with admin.connect():
-            pass
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc.orig}")
-    name = f"pacsclip_test_{secrets.token_hex(6)}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{SERVER_URL}/{name}"
-    finally:
-        # FORCE ends the node's pooled connections, which outlive the node.
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with scratch_database("pacsclip_test") as url:
+        yield url
 
 
 def _changed_pixel_copy(source: Path, out_dir: Path) -> Path:

@@ -185,3 +185,52 @@ def test_the_worker_loads_its_model_before_the_first_study(
         time.sleep(0.2)
     with run.node.sessions() as session:
         assert repository.list_studies(session) == []  # nothing was sent to make it load
+
+
+def test_with_no_live_model_nothing_is_sent_until_one_goes_live(
+    pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    """The deploy examples' start (demo_model shadow): the demo scores in shadow, the study
+    ends shadow_only and nothing reaches the PACS; once the demo is made live on purpose,
+    `studies requeue` sends the study's results."""
+    from plugin.catalog.models import Analysis, DispatchJob
+    from plugin.demo.studies import write_demo_studies
+
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    demo = write_demo_studies(tmp_path / "demo", count=1, seed=11)
+    [source] = demo.studies_dir.glob("*/*.dcm")
+    study_uid = str(dcmread(source).StudyInstanceUID)
+    with storescp(port, out, aet="PACS"):
+        run = pipeline(
+            registry=True,
+            demo_model="shadow",
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        )
+        assert storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+        run.wait_for_state(study_uid, "shadow_only")
+        with run.node.sessions() as session:
+            analyses = [(a.algorithm_name, a.role) for a in session.scalars(select(Analysis))]
+            jobs = session.scalar(select(func.count(DispatchJob.id)))
+        assert analyses == [("pacsclip-demo", "shadow")] and jobs == 0
+        assert list(out.iterdir()) == []
+
+        listed = run.cli("model", "list")
+        assert "shadow@*" in listed.stdout, listed.stdout + listed.stderr
+        version = next(
+            line.split()[0] for line in listed.stdout.splitlines() if "pacsclip-demo@" in line
+        )
+        name, number = version.split("@")
+        promoted = run.cli("model", "promote", name, number, "--force", "--reason", "pilot")
+        assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+        run.restart_worker()
+        requeued = run.cli("studies", "requeue", "--state", "shadow_only")
+        assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+        run.wait_for_state(study_uid, "delivered")
+
+    received = sorted(str(dcmread(p).Modality) for p in out.iterdir())
+    assert "SR" in received
+    with run.node.sessions() as session:
+        roles = {(a.algorithm_name, a.role) for a in session.scalars(select(Analysis))}
+    assert roles == {("pacsclip-demo", "live")}  # the live run replaced the shadow record

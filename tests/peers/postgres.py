@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.peers.ports import free_port
@@ -66,3 +69,37 @@ class PrivatePostgres:
         if (self.data / "postmaster.pid").exists():
             self._pg_ctl("stop", "-m", "immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+SHARED_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A uniquely named database on the machine's shared PostgreSQL server, dropped afterwards
+    (with FORCE: a stopped process's pooled connections may outlive it). Skips the test when
+    the server cannot be reached."""
+    import pytest
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    admin = create_engine(
+        f"{SHARED_SERVER_URL}/postgres",
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": 5},
+    )
+    try:
+        with admin.connect():
+            pass
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL is not reachable at 127.0.0.1:5432: {exc.orig}")
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{SHARED_SERVER_URL}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

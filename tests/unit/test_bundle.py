@@ -258,9 +258,12 @@ def test_cli_install_list_info_activate(tmp_path: Path, bundle_dir: Path) -> Non
 
     code, before = cli(data, "list")
     assert code == 0
-    # Only the demo bundle shipped inside the package is known before anything is installed.
+    # Only the demo bundle shipped inside the package is known before anything is installed,
+    # and it is live ('*') while no bundle is active (demo_model "live", the default).
     demo_version = json.loads((builtin_bundle_dirs()[0] / "bundle.json").read_text())["version"]
-    assert [line.split()[0] for line in before.splitlines()] == [f"pacsclip-demo@{demo_version}"]
+    assert [line.split()[:2] for line in before.splitlines()] == [
+        ["*", f"pacsclip-demo@{demo_version}"]
+    ]
     assert "built-in synthetic" in before
     code, out = cli(data, "install", str(bundle_dir), "--activate")
     assert (code, out) == (0, "installed tiny-clip@1.0.0 (active)\n")

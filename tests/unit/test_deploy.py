@@ -198,3 +198,20 @@ def test_systemd_units_are_hardened_and_read_the_environment_file() -> None:
             assert line in lines, f"{unit.name}: {line}"
     worker = (DEPLOY / "systemd" / "pacsclip-worker@.service").read_text()
     assert "worker --name %i@%H" in worker
+
+
+def test_every_deploy_example_starts_with_no_live_model() -> None:
+    """A clinical install must not send the synthetic demo's results: each example runs the
+    demo in shadow, while the embedded default (the quick start) keeps it live."""
+    from plugin.settings import load_settings
+
+    compose_env = yaml.safe_load(COMPOSE_FILE.read_text())["x-pacsclip"]["environment"]
+    configmap = next(
+        doc for doc in load_all(DEPLOY / "k8s" / "configmap.yaml") if doc["kind"] == "ConfigMap"
+    )
+    toml_settings = load_settings(DEPLOY / "pacsclip.example.toml")
+
+    assert compose_env["PACSCLIP_DEMO_MODEL"] == "shadow"
+    assert configmap["data"]["PACSCLIP_DEMO_MODEL"] == "shadow"
+    assert toml_settings.demo_model == "shadow"
+    assert Settings().demo_model == "live"

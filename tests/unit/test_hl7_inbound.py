@@ -20,7 +20,13 @@ from hl7.mllp import start_hl7_server
 
 from plugin.errors import ConfigError
 from plugin.hl7_inbound.ack import AckCode, ErrorCondition, build_ack
-from plugin.hl7_inbound.inbox import Inbox, file_name
+from plugin.hl7_inbound.framing import (
+    OversizeNotKept,
+    UnframedBlock,
+    read_message,
+    stream_limit,
+)
+from plugin.hl7_inbound.inbox import Inbox, OversizeMessage, file_name
 from plugin.hl7_inbound.listener import ReportListener, server_ssl_context
 from plugin.hl7_inbound.parse import (
     MAX_FORMAT_REPEAT,
@@ -29,6 +35,7 @@ from plugin.hl7_inbound.parse import (
     UnusableReport,
     parse_report,
     peek_control_id,
+    peek_header,
     unescape,
 )
 from plugin.notify.hl7 import END_BLOCK, START_BLOCK
@@ -330,6 +337,7 @@ class Harness:
     inbox: Inbox
     allowed: frozenset[Any] = frozenset()
     limit: int = 1 << 20
+    kept: int = 16 << 20
     ssl: ssl.SSLContext | None = None
 
 
@@ -343,9 +351,15 @@ def run_listener(harness: Harness, body: Any) -> None:
             harness.inbox,
             allowed_hosts=harness.allowed,
             read_timeout_s=5,
+            max_message_bytes=harness.limit,
+            oversize_kept_bytes=harness.kept,
         )
         server = await start_hl7_server(
-            listener.handle_connection, "127.0.0.1", 0, limit=harness.limit, ssl=harness.ssl
+            listener.handle_connection,
+            "127.0.0.1",
+            0,
+            limit=stream_limit(harness.limit),
+            ssl=harness.ssl,
         )
         port = server.sockets[0].getsockname()[1]
         try:
@@ -448,23 +462,44 @@ def test_the_allow_list_matches_ipv4_peers_of_a_dual_stack_socket(harness: Harne
     assert not listener.allows("not-an-address")
 
 
-def test_a_message_over_the_limit_is_refused_and_the_connection_closed(harness: Harness) -> None:
+def test_a_message_over_the_limit_is_kept_refused_with_its_size_and_the_connection_goes_on(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     harness.limit = 4096
+    large = oru(text="x" * 10_000)
     results: list[bytes] = []
-    after: list[bytes] = []
+    caplog.set_level(logging.INFO, logger="plugin.hl7_inbound")
 
-    def body(running: RunningListener) -> None:
-        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as conn:
-            conn.sendall(START_BLOCK + oru(text="x" * 10_000) + END_BLOCK)
-            results.append(read_frame(conn))
-            after.append(conn.recv(4096))
+    run_listener(harness, lambda running: results.extend(running.send(large, oru())))
 
-    run_listener(harness, body)
+    assert msa(results[0]) == (
+        "AR",
+        "MSG-0001",
+        f"message of {len(large)} bytes is larger than the limit of 4096 bytes",
+    )
+    # Answered as the message's own header asks: back to its sender.
+    assert hl7.parse(results[0].decode()).segment("MSH")[5][0] == "RIS"
+    assert msa(results[1])[0] == "AA"
+    assert [a["accession"] for a in harness.intake.added] == ["ACC-1"]
+    (oversize,) = harness.inbox.root.glob("*.oversize.hl7")
+    assert oversize.name.endswith("-MSG-0001.oversize.hl7")
+    assert oversize.read_bytes() == large
+    assert len(harness.inbox.messages()) == 2
+    assert not list((harness.inbox.root / ".incoming").iterdir())
+    assert "x" * 20 not in caplog.text and "DOE" not in caplog.text
 
-    assert msa(results[0])[0] == "AR"
-    assert "larger than" in msa(results[0])[2]
-    assert after == [b""]
-    assert harness.intake.added == []
+
+def test_what_is_kept_of_a_message_over_the_limit_is_capped_and_marked(harness: Harness) -> None:
+    harness.limit, harness.kept = 4096, 8192
+    large = oru(text="y" * 50_000)
+    results: list[bytes] = []
+
+    run_listener(harness, lambda running: results.extend(running.send(large, oru())))
+
+    assert [msa(a)[0] for a in results] == ["AR", "AA"]
+    assert f"message of {len(large)} bytes" in msa(results[0])[2]
+    (kept,) = harness.inbox.root.glob("*.oversize-truncated.hl7")
+    assert kept.read_bytes() == large[:8192]
 
 
 def test_with_a_ca_only_senders_with_a_trusted_certificate_get_through(
@@ -501,3 +536,114 @@ def test_with_a_ca_only_senders_with_a_trusted_certificate_get_through(
         server_ssl_context(
             load_settings(hl7_tls_cert=tmp_path / "missing.pem", hl7_tls_key=server.key)
         )
+
+
+# Framing
+
+
+def framed(*raws: bytes) -> bytes:
+    return b"".join(START_BLOCK + raw + END_BLOCK for raw in raws)
+
+
+def read_all(
+    data: bytes, inbox: Inbox, *, limit: int, kept: int = 1 << 20, chunk: int = 1 << 20
+) -> list[bytes | OversizeMessage | BaseException]:
+    """Every message ``read_message`` finds in ``data``, fed to the stream ``chunk`` bytes at a
+    time as a socket would; last, the exception after which the listener closes the
+    connection."""
+
+    async def main() -> list[bytes | OversizeMessage | BaseException]:
+        reader = asyncio.StreamReader(limit=stream_limit(limit))
+
+        async def feed() -> None:
+            for start in range(0, len(data), chunk):
+                reader.feed_data(data[start : start + chunk])
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeding = asyncio.create_task(feed())
+        found: list[bytes | OversizeMessage | BaseException] = []
+        while True:
+            try:
+                found.append(await read_message(reader, lambda: inbox.receive_oversize(kept)))
+            except (asyncio.IncompleteReadError, UnframedBlock, OversizeNotKept) as exc:
+                found.append(exc)
+                if not isinstance(exc, UnframedBlock):  # the listener closes the connection
+                    break
+        await feeding
+        return found
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 4093, 7])
+def test_messages_around_one_over_the_limit_are_read_whole(tmp_path: Path, chunk: int) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    at_limit, over = b"a" * 1000, b"MSH|^~\\&|" + b"b" * 5000
+
+    found = read_all(framed(at_limit, over, b"next"), inbox, limit=1000, chunk=chunk)
+
+    assert found[0] == at_limit
+    oversize = found[1]
+    assert isinstance(oversize, OversizeMessage)
+    assert (oversize.received, oversize.stored, oversize.truncated) == (len(over), len(over), False)
+    assert oversize.head.startswith(b"MSH|")
+    kept = inbox.keep_oversize(oversize, "MSG-9", WHEN)
+    assert kept.name == "20250304T050607123456Z-MSG-9.oversize.hl7"
+    assert kept.read_bytes() == over
+    assert found[2] == b"next"
+    assert isinstance(found[3], asyncio.IncompleteReadError) and found[3].partial == b""
+
+
+def test_an_oversize_message_keeps_its_first_bytes_up_to_the_cap(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    over = bytes(range(256)).replace(b"\x1c", b"") * 100
+
+    (oversize, end) = read_all(framed(over), inbox, limit=1000, kept=3000, chunk=999)
+
+    assert isinstance(oversize, OversizeMessage) and isinstance(end, asyncio.IncompleteReadError)
+    assert (oversize.received, oversize.stored, oversize.truncated) == (len(over), 3000, True)
+    kept = inbox.keep_oversize(oversize, "", WHEN)
+    assert kept.name == "20250304T050607123456Z-no-control-id.oversize-truncated.hl7"
+    assert kept.read_bytes() == over[:3000]
+
+
+def test_an_oversize_message_cut_off_leaves_nothing_behind(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+
+    (end,) = read_all(START_BLOCK + b"c" * 5000, inbox, limit=1000, chunk=1500)
+
+    assert isinstance(end, asyncio.IncompleteReadError)
+    assert not list((inbox.root / ".incoming").iterdir())
+    assert inbox.messages() == []
+
+
+def test_a_block_without_its_start_character_is_unframed_and_the_next_one_read(
+    tmp_path: Path,
+) -> None:
+    found = read_all(b"loose" + END_BLOCK + framed(b"ok"), Inbox(tmp_path), limit=1000)
+
+    assert isinstance(found[0], UnframedBlock)
+    assert found[1] == b"ok"
+
+
+def test_an_oversize_message_the_disk_refuses_is_not_kept(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    (inbox.root / ".incoming").rmdir()
+
+    found = read_all(framed(b"d" * 5000), inbox, limit=1000)
+
+    assert isinstance(found[0], OversizeNotKept)
+
+
+def test_the_header_of_a_message_is_read_from_its_first_segment_alone() -> None:
+    header = peek_header(oru() + b"OBX|2|TX|||" + b"z" * 100)
+
+    assert header is not None
+    assert (header.control_id, header.message_type, header.sending_application) == (
+        "MSG-0001",
+        "ORU^R01",
+        "RIS",
+    )
+    assert peek_header(b"not HL7") is None
+    assert peek_header(b"") is None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,13 @@ def _siglip_tokenizer(folder: Path) -> Tokenizer:
     return tokenizer
 
 
+def _siglip_canonical(text: str) -> str:
+    """transformers' SiglipTokenizer.canonicalize_text (do_lower_case true), which runs before
+    its SentencePiece model sees a text: lower case, no ASCII punctuation, single spaces."""
+    no_punctuation = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", no_punctuation).strip()
+
+
 def test_siglip_embeddings_and_zero_shot_match_transformers(tmp_path: Path) -> None:
     folder = tmp_path / "siglip"
     folder.mkdir()
@@ -206,7 +215,8 @@ def test_siglip_embeddings_and_zero_shot_match_transformers(tmp_path: Path) -> N
     def embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         # SigLIP pads every text to its full length with the pad token, and uses no mask.
         ids = torch.full((len(texts), SIGLIP_LENGTH), 1, dtype=torch.int64)
-        for row, encoding in enumerate(tokenizer.encode_batch(list(texts))):
+        canonical = [_siglip_canonical(text) for text in texts]
+        for row, encoding in enumerate(tokenizer.encode_batch(canonical)):
             ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
         with torch.no_grad():
             return _features(model.get_text_features(input_ids=ids))
@@ -214,6 +224,7 @@ def test_siglip_embeddings_and_zero_shot_match_transformers(tmp_path: Path) -> N
     with torch.no_grad():
         images = _features(model.get_image_features(pixel_values=torch.from_numpy(pixels)))
     assert bundle.manifest.image.resize == "stretch"
+    assert bundle.manifest.text_encoder.cleaning == "siglip"
     assert bundle.manifest.image.mean == pytest.approx([0.5, 0.5, 0.5])
     assert_embeddings_match(ImageEncoder(bundle, threads=1).encode(pixels), images)
     assert_embeddings_match(TextEncoder(bundle, threads=1).encode(TEXTS), embed(TEXTS))

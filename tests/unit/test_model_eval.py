@@ -237,16 +237,16 @@ def towers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def test_the_cli_evaluates_another_bundle_by_name_with_its_own_input_and_text_tower(
-    tmp_path: Path, towers: tuple[Path, Path, Path]
+    tmp_path: Path, towers: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image, text, tokenizer = towers
     bundle = build_bundle(tmp_path / "tiny", image, text_tower=text, tokenizer_dir=tokenizer)
     Registry.for_data_dir(tmp_path / "data").install(bundle)
+    monkeypatch.chdir(tmp_path / "tiny")  # a checkout, say: nothing may be written here
 
     code, stdout, output = eval_cli(
-        tmp_path / "data",
-        *("tiny-clip", "--version", "1.0.0", "--n-eval", "40", "--bootstrap", "20"),
-        *("--out", str(tmp_path / "eval"), "--json"),
+        (tmp_path / "data").resolve(),
+        *("tiny-clip", "--version", "1.0.0", "--n-eval", "40", "--bootstrap", "20", "--json"),
     )
 
     assert code == 0, output
@@ -254,6 +254,11 @@ def test_the_cli_evaluates_another_bundle_by_name_with_its_own_input_and_text_to
     assert data["bundle"] == "tiny-clip@1.0.0"
     # Only the demo findings the bundle has are scored (3-channel 32x32 input, ONNX text).
     assert list(data["findings"]) == ["pleural_effusion", "pneumothorax"]
+    # Without --out the folder goes under the data directory, and the command says where.
+    out = (tmp_path / "data" / "model-eval" / "tiny-clip-1.0.0").resolve()
+    assert json.loads((out / "evaluation.json").read_text()) == data
+    assert f"evaluation written to {out}" in output
+    assert not list((tmp_path / "tiny").glob("model-eval*"))
 
 
 def test_the_cli_refuses_a_bundle_that_cannot_embed_held_out_text(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from plugin.models.bundle import Bundle, BundleError, PromptsFile
+from plugin.models.bundle import Bundle, BundleError, PromptsFile, TextCleaning
 from plugin.models.importers import image_preprocessing
 from plugin.models.importers.default_prompts import chest_radiograph_prompts
 from plugin.models.importers.tokenizer_files import write_tokenizer_json
@@ -165,10 +165,11 @@ def build_hf_bundle(spec: HfImport, dest: Path, threads: int | None = 1) -> Bund
         "stretch" if kind == "siglip" else "center-crop",
         str(processor),
     )
+    tokenizer_dir = spec.tokenizer_dir if spec.tokenizer_dir is not None else spec.folder
+    cleaning = text_cleaning(kind, tokenizer_dir)
     with tempfile.TemporaryDirectory(prefix="pacsclip-tokenizer-") as scratch:
-        folders = [spec.tokenizer_dir] if spec.tokenizer_dir is not None else [spec.folder]
         write_tokenizer_json(
-            folders,
+            [tokenizer_dir],
             Path(scratch),
             "Copy tokenizer.json (or vocab.json and merges.txt for CLIP, spiece.model for "
             "SigLIP) with tokenizer_config.json from the model's repository into the folder",
@@ -181,10 +182,29 @@ def build_hf_bundle(spec: HfImport, dest: Path, threads: int | None = 1) -> Bund
                 image=image,
                 tokenizer_dir=Path(scratch),
                 prompts=spec.prompts or chest_radiograph_prompts(),
+                text_cleaning=cleaning,
             ),
             dest,
             threads=threads,
         )
+
+
+def text_cleaning(kind: str, tokenizer_dir: Path) -> TextCleaning:
+    """What transformers' tokenizer for ``kind`` does to a text before its vocabulary sees it."""
+    if kind != "siglip":
+        # CLIPTokenizer does all its cleaning in tokenizer.json's normalizer (NFC, whitespace,
+        # lower case), which the bundle's tokenizer.json carries.
+        return "none"
+    path = tokenizer_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return "siglip"
+    config = image_preprocessing.read_json(path, "the tokenizer's options")
+    if config.get("do_lower_case", True) is not True:
+        raise BundleError(
+            f"{path}: do_lower_case is {config['do_lower_case']!r}; pacsclip cleans SigLIP text "
+            "as SiglipTokenizer does with do_lower_case true (its default) only"
+        )
+    return "siglip"
 
 
 def _default_processor(kind: str, size: int) -> dict[str, Any]:

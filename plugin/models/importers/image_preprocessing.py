@@ -22,6 +22,7 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Resize = Literal["letterbox", "stretch", "center-crop"]
+CropOffset = Literal["floor", "round"]
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -42,11 +43,17 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def image_spec(
-    size: int, mean: Sequence[float], std: Sequence[float], resize: Resize, source: str
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: Resize,
+    source: str,
+    crop_offset: CropOffset = "floor",
 ) -> ImageSpec:
+    block = {"size": size, "channels": 3, "mean": list(mean), "std": list(std), "resize": resize}
     return validate_model(
         ImageSpec,
-        {"size": size, "channels": 3, "mean": list(mean), "std": list(std), "resize": resize},
+        {**block, "crop_offset": crop_offset},
         f"the preprocessing in {source} cannot be used",
     )
 
@@ -54,7 +61,11 @@ def image_spec(
 def from_hf_processor(
     config: Mapping[str, Any], image_size: int, resize_default: Resize, source: str
 ) -> ImageSpec:
-    """A Hugging Face ``preprocessor_config.json`` (CLIPImageProcessor, SiglipImageProcessor)."""
+    """A Hugging Face ``preprocessor_config.json`` (CLIPImageProcessor, SiglipImageProcessor).
+
+    transformers' image processors (PIL and torchvision backends alike) start a center crop at
+    ``(new - size) // 2``: ``crop_offset`` stays "floor".
+    """
     mean = config.get("image_mean", OPENAI_MEAN) if config.get("do_normalize", True) else (0.0,)
     std = config.get("image_std", OPENAI_STD) if config.get("do_normalize", True) else (1.0,)
     resize: Resize
@@ -97,7 +108,8 @@ def from_open_clip(preprocess: Mapping[str, Any], image_size: int, source: str) 
         )
     mean = preprocess.get("mean", OPENAI_MEAN)
     std = preprocess.get("std", OPENAI_STD)
-    return image_spec(image_size, mean, std, resize, source)
+    # open_clip's "shortest" is torchvision's Resize + CenterCrop, which rounds the crop start.
+    return image_spec(image_size, mean, std, resize, source, crop_offset="round")
 
 
 def _square(value: Any, key: str, source: str) -> int:

@@ -16,6 +16,7 @@ from plugin.models.bundle import (
     ImageSpec,
     ModelCard,
     PromptsFile,
+    TextCleaning,
     TextEncoderSpec,
     parse_manifest,
 )
@@ -50,6 +51,7 @@ class OnnxImport:
     prompts: PromptsFile | None = None  # findings, priority and logit_scale
     model_card: ModelCard = IMPORTED_MODEL_CARD
     text_max_length: int = 77  # tokens the text tower was trained on (CLIP 77)
+    text_cleaning: TextCleaning = "none"  # text_encoder.cleaning: tokenizer.json's input
 
 
 def build_onnx_bundle(spec: OnnxImport, dest: Path, threads: int | None = 1) -> Bundle:
@@ -64,7 +66,9 @@ def build_onnx_bundle(spec: OnnxImport, dest: Path, threads: int | None = 1) -> 
     text = TextEncoderSpec()
     if spec.text_tower is not None and spec.tokenizer_dir is not None:
         files, text = _copy_text_tower(spec.text_tower, spec.tokenizer_dir, dest, files)
-        text = text.model_copy(update={"max_length": spec.text_max_length})
+        text = text.model_copy(
+            update={"max_length": spec.text_max_length, "cleaning": spec.text_cleaning}
+        )
     manifest_data: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "name": spec.name,

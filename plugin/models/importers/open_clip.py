@@ -22,7 +22,7 @@ from typing import Any, cast, get_args
 import torch
 from torch import nn
 
-from plugin.models.bundle import Bundle, BundleError, PromptsFile
+from plugin.models.bundle import Bundle, BundleError, PromptsFile, TextCleaning
 from plugin.models.importers import image_preprocessing
 from plugin.models.importers.default_prompts import chest_radiograph_prompts
 from plugin.models.importers.open_clip_towers import (
@@ -68,6 +68,13 @@ _TEXT_DEFAULTS: dict[str, Any] = {
     "proj_type": "linear",
     "proj_bias": False,
     "final_ln_after_pool": False,
+}
+
+# open_clip's clean functions by the name its tokenizers take (open_clip/tokenizer.py).
+_CLEANING: dict[str, TextCleaning] = {
+    "lower": "open_clip_lower",
+    "whitespace": "open_clip_whitespace",
+    "canonicalize": "open_clip_canonicalize",
 }
 
 StateDict = dict[str, torch.Tensor]
@@ -467,6 +474,32 @@ def _bert_config(state: StateDict, config_dirs: Iterable[Path]) -> Any:
     )
 
 
+def text_cleaning(config: OpenClipConfig) -> TextCleaning:
+    """The cleaning of the tokenizer open_clip's ``get_tokenizer`` builds for ``config``.
+
+    That is ``HFTokenizer`` (clean "whitespace") when text_cfg names ``hf_tokenizer_name``, else
+    ``SimpleTokenizer`` (clean "lower"); ``text_cfg.tokenizer_kwargs.clean`` overrides both.
+    """
+    options = dict(config.text.get("tokenizer_kwargs") or {})
+    clean = options.pop("clean", "whitespace" if config.text.get("hf_tokenizer_name") else "lower")
+    if clean not in _CLEANING:
+        raise BundleError(
+            f"{config.path}: text_cfg.tokenizer_kwargs.clean {clean!r} is not one of open_clip's "
+            f"({', '.join(_CLEANING)})"
+        )
+    # Options that change the token ids beyond cleaning (sep tokens stripped, tokens dropped
+    # to fit the context) have no equivalent in tokenizer.json.
+    unsupported = sorted(key for key, value in options.items() if value)
+    if config.text.get("tokenizer_mode"):
+        unsupported.append("tokenizer_mode")
+    if unsupported:
+        raise BundleError(
+            f"{config.path}: text_cfg sets {', '.join(unsupported)}, which pacsclip's tokenizer "
+            "cannot reproduce; export the towers to ONNX and use `pacsclip model import-onnx`"
+        )
+    return _CLEANING[clean]
+
+
 def _tokenizer_hint(config: OpenClipConfig, folder: Path) -> str:
     name = config.text.get("hf_tokenizer_name") or config.text.get("hf_model_name")
     if name:
@@ -489,6 +522,7 @@ def build_open_clip_bundle(spec: OpenClipImport, dest: Path, threads: int | None
     image = image_preprocessing.from_open_clip(
         config.preprocess, config.image_size, str(config.path)
     )
+    cleaning = text_cleaning(config)
     tokenizer_dirs = [spec.tokenizer_dir] if spec.tokenizer_dir is not None else [folder]
     with tempfile.TemporaryDirectory(prefix="pacsclip-tokenizer-") as scratch:
         # Before the weights are read: a missing tokenizer fails in a second, not a minute.
@@ -508,6 +542,7 @@ def build_open_clip_bundle(spec: OpenClipImport, dest: Path, threads: int | None
                 image=image,
                 tokenizer_dir=Path(scratch),
                 prompts=spec.prompts or chest_radiograph_prompts(),
+                text_cleaning=cleaning,
             ),
             dest,
             threads=threads,

@@ -23,6 +23,7 @@ from plugin.models.bundle import (
     ImageSpec,
     ModelCard,
     PromptsFile,
+    TextCleaning,
 )
 from plugin.models.importers.onnx import OnnxImport, build_onnx_bundle
 from plugin.models.runtime import (
@@ -68,6 +69,7 @@ class TorchImport:
     image: ImageSpec
     tokenizer_dir: Path  # holds the tokenizer.json the text tower was trained with
     prompts: PromptsFile  # findings, priority; logit_scale when the operator set it
+    text_cleaning: TextCleaning = "none"  # what the model's tokenizer did before tokenizer.json
 
 
 class _Normalized(nn.Module):
@@ -174,6 +176,7 @@ def build_torch_bundle(
             prompts=prompts,
             model_card=imported_model_card(towers.source),
             text_max_length=towers.text_length or towers.max_length,
+            text_cleaning=spec.text_cleaning,
         )
         bundle = build_onnx_bundle(onnx_spec, dest, threads=threads)
     logger.info("imported %s from %s", bundle.ref, towers.source)
