@@ -50,6 +50,8 @@ def build_ae(settings: Settings) -> AE:
     # closed: a few such connections would make it refuse every sender for that long.
     ae.maximum_associations = max(settings.max_associations, PYNETDICOM_THREAD_CEILING)
     ae.require_called_aet = False
+    # pynetdicom's default (16 KiB) splits a 0.5 MB image into 32 PDUs, each decoded apart.
+    ae.maximum_pdu_size = settings.max_pdu_bytes
     ae.network_timeout = 60
     ae.acse_timeout = 30
     ae.dimse_timeout = 60

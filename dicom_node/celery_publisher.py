@@ -22,6 +22,19 @@ class CeleryPublisher:
         self.app = app
         self.sessions = sessions
 
+    def connect(self) -> None:
+        """Open the broker connection and declare the analysis queues now, so that the first
+        complete study is not the one that waits for them. A broker that is down is logged:
+        the first send connects (and the node's requeue check covers a failed one)."""
+        try:
+            self.app.backend  # noqa: B018 (built on first use: a send builds its result)
+            with self.app.producer_or_acquire() as producer:
+                producer.connection.ensure_connection(max_retries=1, interval_start=0)
+                for queue in self.app.amqp.queues.values():
+                    producer.maybe_declare(queue)
+        except Exception as exc:  # kombu raises its own, the transport's and OSError
+            logger.warning("broker not reachable at start: %s", exc)
+
     def publish(self, event: StudyCompleted) -> None:
         if not event.pipelines:
             logger.info("study %s: routing runs no pipeline", event.study_instance_uid)

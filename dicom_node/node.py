@@ -326,6 +326,7 @@ def main(
     receiver process dies (so that the supervisor restarts the node)."""
     catalog = open_catalog(settings.effective_database_url)
     publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
+    publisher.connect()
     node = DicomNode(settings, catalog, publisher=publisher, metrics=metrics)
     stopping = StopSignal().install()
     node.start()

@@ -9,6 +9,7 @@ from io import BytesIO
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.encaps import parse_basic_offsets, parse_fragments
+from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_dataset
 from pydicom.pixels.decoders.base import DecodeRunner
 from pydicom.tag import BaseTag
@@ -109,12 +110,27 @@ _TEXT_VRS = frozenset(
 )  # fmt: skip
 
 
+# pydicom converts these to the bytes as received, whatever their length.
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+# pydicom's conversion of these fails only on a length that is not a multiple of the value
+# size; checking the length is the same test without unpacking every value (most of the
+# cost of a full read).
+_VALUE_SIZES = {"AT": 4, "FD": 8, "FL": 4, "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8}
+
+
 def _convert_binary_values(ds: Dataset) -> None:
     """Convert every element that is not text, sequences included (recursively): an unknown
     VR, or a binary value whose length does not fit its VR, fails here. The converted values
     are not kept: the dataset is only read."""
     for raw_element in ds._dict.values():
-        if raw_element.VR in _TEXT_VRS:
+        vr = raw_element.VR
+        if vr in _TEXT_VRS or vr in _BYTES_VRS:
+            continue
+        size = _VALUE_SIZES.get(vr or "")
+        if size is not None and isinstance(raw_element, RawDataElement):
+            length = len(raw_element.value or b"")
+            if length % size:
+                raise BytesLengthException(f"{vr} value of {length} bytes")
             continue
         element = (
             convert_raw_data_element(raw_element, ds=ds)

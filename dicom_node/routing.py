@@ -27,6 +27,8 @@ from pydantic_core import ErrorDetails
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
+from plugin.pipelines import PIPELINES
+
 logger = logging.getLogger(__name__)
 
 STAT: Final = "stat"
@@ -330,6 +332,7 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
     except ValidationError as exc:
         raise RulesError(_describe(exc, data, source)) from exc
     _check_unique_names(model, source)
+    _check_pipelines(model, source)
     defaults = RoutingDecision(
         pipelines=tuple(model.defaults.pipelines),
         priority=model.defaults.priority,
@@ -367,6 +370,18 @@ def _check_unique_names(model: _FileModel, source: str) -> None:
                 f"already used by rule #{first_index[rule.name] + 1}; give each rule its own name"
             )
         first_index[rule.name] = index
+
+
+def _check_pipelines(model: _FileModel, source: str) -> None:
+    places = [("defaults", model.defaults.pipelines)]
+    places += [(_rule_label(i, r.name), r.pipelines or []) for i, r in enumerate(model.rules)]
+    for where, names in places:
+        unknown = [n for n in names if n not in PIPELINES]
+        if unknown:
+            raise RulesError(
+                f"{source}: {where}, field 'pipelines': unknown pipeline {unknown[0]!r}; "
+                f"known: {', '.join(PIPELINES)}"
+            )
 
 
 def _compile(rule: _RuleModel, defaults: RoutingDecision) -> Rule:

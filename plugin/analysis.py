@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset, dcmread
 
 from plugin.catalog.analyses import (
@@ -31,11 +32,13 @@ from plugin.catalog.analyses import (
     find_analysis,
     predecessor_report_path,
     record_analysis,
+    record_embeddings_only,
     study_to_analyse,
 )
 from plugin.catalog.db import Catalog
+from plugin.demo.radiographs import demo_radiographs
 from plugin.durable import write_durably
-from plugin.inference import TriageModel, TriageReport
+from plugin.inference import SaliencyOutcome, TriageModel, TriageReport
 from plugin.results import (
     AlgorithmIdentity,
     DistributionCheck,
@@ -54,6 +57,9 @@ logger = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 ALL_DESTINATIONS = "*"
+# The synthetic image a worker scores once at start (a stream no demo data set draws from).
+WARM_UP_STREAM = 99
+WARM_UP_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,28 @@ class StudyAnalyser:
             version=model.bundle.version,
             synthetic=model.bundle.is_synthetic,
         )
+
+    def warm_up(self) -> list[str]:
+        """Score one synthetic image and build and encode its SR and an overlay, in memory
+        only (nothing is written or recorded): the first study then finds pydicom's pixel
+        handlers, highdicom's SR and secondary-capture code and onnxruntime already set up.
+        Returns the kinds of the objects built."""
+        source = next(demo_radiographs(1, seed=0, stream=WARM_UP_STREAM, size=WARM_UP_SIZE))
+        report = self.model.triage([source])
+        heatmap = np.zeros((source.Rows, source.Columns), dtype=np.float32)
+        heatmap[: source.Rows // 2, : source.Columns // 2] = 1.0
+        saliency = SaliencyOutcome(
+            finding=self.model.finding_names[0],
+            sop_instance_uid=str(source.SOPInstanceUID),
+            heatmap=heatmap,
+            peak=(0, 0, 1.0),
+            region=(0, 0, source.Rows // 2 - 1, source.Columns // 2 - 1),
+        )
+        report = replace(report, saliency=[saliency])
+        built = self._build([source], report, generation=1, predecessor=None)
+        for obj in built:
+            obj.dataset.save_as(BytesIO(), enforce_file_format=True)
+        return [obj.kind for obj in built]
 
     def analyse(self, study_uid: str, generation: int) -> AnalysisOutcome:
         started = time.monotonic()
@@ -136,6 +164,25 @@ class StudyAnalyser:
             len(outcome.job_ids),
         )
         return outcome
+
+    def embed_only(self, study_uid: str, generation: int) -> bool:
+        """Routing asks for retrieval only: keep the images' embeddings for the similar-case
+        index and build or send nothing; True when the study moved to analysed."""
+        with self.catalog.sessions() as session:
+            study = study_to_analyse(session, study_uid)
+        datasets = read_study(self.settings.spool_dir, study.instance_paths)
+        uids, vectors = self.model.embed(datasets)
+        scored = ScoredImages(self.model.bundle.ref, uids, vectors)
+        with self.catalog.sessions() as session:
+            moved = record_embeddings_only(session, study_uid, generation, scored)
+        logger.info(
+            "study %s generation %d: retrieval only, %d images embedded by %s",
+            study_uid,
+            generation,
+            len(uids),
+            self.model.bundle.ref,
+        )
+        return moved
 
     def _destinations(self, routing: dict[str, object] | None) -> list[DestinationConfig]:
         named = list((routing or {}).get("destinations", [ALL_DESTINATIONS]))  # type: ignore[call-overload]

@@ -234,6 +234,16 @@ class TriageModel:
             )
         return calibration
 
+    def embed(self, datasets: Sequence[Dataset]) -> tuple[list[str], NDArray[np.float32]]:
+        """The SOP Instance UIDs and image embeddings of the study's images, unscored (for the
+        similar-case index when routing runs retrieval only)."""
+        images = _images_to_score(datasets)
+        if not images:
+            raise ValueError("no image in the study can be embedded")
+        inputs = np.stack([model_input(self.display(ds), self.spec) for ds in images])
+        embeds = self.encoder.encode(inputs).astype(np.float32)
+        return [str(ds.SOPInstanceUID) for ds in images], embeds
+
     def triage(
         self, datasets: Sequence[Dataset], *, saliency: bool = True, site: str | None = None
     ) -> TriageReport:

@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(
         500, ge=0, description="Below this free space C-STORE answers 0xA700."
     )
+    max_pdu_bytes: int = Field(
+        4 * 2**20,
+        ge=4096,
+        le=64 * 2**20,
+        description="Largest P-DATA PDU the node announces: senders split each object into "
+        "PDUs of at most this size (pynetdicom's default, 16 KiB, costs throughput).",
+    )
     receiver_processes: int | None = Field(
         None,
         ge=0,
@@ -241,9 +248,21 @@ class Settings(BaseSettings):
         description="JSON list of C-STORE or STOW-RS destinations that receive results.",
     )
     dispatch_max_retries: int = Field(
-        5, ge=0, description="Retries (exponential backoff) before a dead letter."
+        36,
+        ge=0,
+        description="Retries before a dead letter; with the default delays they span about "
+        "two hours, longer than a PACS restart or a network change.",
     )
-    dispatch_backoff_s: float = Field(2.0, gt=0, description="First retry delay.")
+    dispatch_backoff_s: float = Field(
+        2.0, gt=0, description="First retry delay; it doubles, up to dispatch_backoff_max_s."
+    )
+    dispatch_backoff_max_s: float = Field(
+        240.0,
+        gt=0,
+        description="Longest retry delay (each delay varies by up to 20% so that jobs spread "
+        "out); below task_visibility_timeout_s, or Redis would hand the retry to another "
+        "worker early.",
+    )
     dispatch_timeout_s: float = Field(30.0, gt=0, description="Timeout of one delivery.")
 
     # HTTP API and notifications
@@ -309,6 +328,17 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _retry_below_visibility(self) -> Settings:
+        # Jitter may lengthen a delay by a fifth: it must still end before Redis redelivers.
+        if self.dispatch_backoff_max_s * 1.2 >= self.task_visibility_timeout_s:
+            raise ValueError(
+                f"dispatch_backoff_max_s ({self.dispatch_backoff_max_s:g}) times 1.2 must stay "
+                f"below task_visibility_timeout_s ({self.task_visibility_timeout_s}): lower the "
+                "first or raise the second"
+            )
         return self
 
     @model_validator(mode="after")

@@ -6,6 +6,8 @@ import os
 import socket
 from collections.abc import Sequence
 
+from celery.signals import worker_ready
+
 from plugin.settings import Settings
 from plugin.task_queue import WORKER_QUEUES, make_celery
 from plugin.validation.monitoring import MonitoringGauges, MonitorStore
@@ -26,7 +28,14 @@ def main(
     if settings.worker_metrics_port is not None:
         store = MonitorStore(settings.data_dir / "monitoring")
         context.metrics.registry.register(MonitoringGauges(store.latest))
-        context.metrics.serve(settings.api_host, settings.worker_metrics_port)
+        port = settings.worker_metrics_port
+
+        # Served once the worker consumes (warmed up, connected), so that an answer on the
+        # metrics port also says the worker is ready.
+        def serve_metrics(**_: object) -> None:
+            context.metrics.serve(settings.api_host, port)
+
+        worker_ready.connect(serve_metrics, weak=False)
     register(app)
     context.warm_up()
     app.worker_main(

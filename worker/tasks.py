@@ -6,6 +6,7 @@ attached to the Celery app by ``worker.main``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from celery import Celery, Task
 from pydicom import dcmread
 
 from plugin.analysis import StudyAnalyser
-from plugin.catalog.analyses import mark_shadow_only
+from plugin.catalog.analyses import mark_shadow_only, study_to_analyse
 from plugin.catalog.db import Catalog, open_catalog
 from plugin.catalog.studies import instance_paths_of_classes
 from plugin.errors import PacsclipError
@@ -27,6 +28,7 @@ from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.bundle import Bundle
 from plugin.models.projection import text_encoder
 from plugin.models.registry import Registry, live_bundle
+from plugin.pipelines import RETRIEVAL, TRIAGE, pipelines_of
 from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
@@ -131,16 +133,22 @@ class WorkerContext:
         )
 
     def warm_up(self) -> None:
-        """Load the model (and run it once) before the first task, not during it.
+        """Load the model, score and build results once, and import the delivery code before
+        the first task, not during it.
 
         A bundle that cannot be loaded is logged here and fails each analysis with its reason;
         the worker still delivers results already made.
         """
         try:
             if self.live is not None:
-                self.analyser.model.warm_up()
+                self.analyser.warm_up()
         except PacsclipError as exc:
             logger.error("model not loaded at start: %s", exc)
+        except Exception:
+            # The model loaded; only the rehearsal failed, and the first study will say why.
+            logger.exception("warm-up study failed; the first study is built cold")
+        # Imported by the first dispatch otherwise (pynetdicom and the STOW client with it).
+        importlib.import_module("plugin.delivery.jobs")
         for shadow in self.shadows:
             try:
                 shadow.model.warm_up()
@@ -184,6 +192,11 @@ class WorkerContext:
         except Exception:
             logger.exception("monitoring not updated")
 
+    def pipelines(self, study_uid: str) -> tuple[str, ...]:
+        """What the study's routing decision asks for (plugin.pipelines)."""
+        with self.catalog.sessions() as session:
+            return pipelines_of(study_to_analyse(session, study_uid).routing)
+
     def score_in_shadow(self, study_uid: str, generation: int) -> None:
         """Every shadow model that covers the study's site scores it; failures are logged."""
         for shadow in self.shadows:
@@ -214,6 +227,9 @@ def context_of(task: Task) -> WorkerContext:
 
 def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]:
     context = context_of(task)
+    pipelines = context.pipelines(study_uid)
+    if TRIAGE not in pipelines:
+        return retrieval_only(context, study_uid, generation)
     if context.live is None:
         return score_without_live_model(context, study_uid, generation)
     outcome = context.analyser.analyse(study_uid, generation)
@@ -235,6 +251,20 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
     # Also when an earlier delivery made the live analysis: a shadow run it missed is made up.
     context.score_in_shadow(study_uid, generation)
     return {"analysis_id": outcome.analysis_id, "jobs": outcome.job_ids, "created": outcome.created}
+
+
+def retrieval_only(context: WorkerContext, study_uid: str, generation: int) -> dict[str, Any]:
+    """Routing runs retrieval only (the node publishes no study that runs nothing): the live
+    model's image embeddings go to the catalog and the similar-case index; no triage, by the
+    live model or a shadow, and nothing is sent."""
+    if context.live is not None:
+        context.analyser.embed_only(study_uid, generation)
+        context.update_index()
+    else:
+        with context.catalog.sessions() as session:
+            mark_shadow_only(session, study_uid, generation)
+    context.keep_reports(study_uid)
+    return {"analysis_id": None, "jobs": [], "created": False, "pipelines": [RETRIEVAL]}
 
 
 def score_without_live_model(

@@ -150,20 +150,10 @@ def record_analysis(
     ]
     analysis.jobs = [DispatchJob(destination=name, state="pending") for name in new.destinations]
     session.add(analysis)
-    keep_image_embeddings(
-        session,
-        study_id=study.id,
-        site_id=study.site_id,
-        model_ref=scored.model_ref,
-        sop_instance_uids=scored.sop_instance_uids,
-        vectors=scored.vectors,
-    )
+    _keep_embeddings(session, study, scored)
     # Only the newest generation moves the study on: a study reopened by late
     # images while this ran stays receiving.
-    if study.generation == new.generation and study.state in (
-        StudyState.COMPLETE,
-        StudyState.QUEUED,
-    ):
+    if _still_to_analyse(study, new.generation):
         study.state = StudyState.ANALYSED
         study.needs_reanalysis = False
         study.priority = new.priority
@@ -217,19 +207,52 @@ def _drop_shadow_run(session: Session, study_id: int, new: NewAnalysis) -> None:
     )
 
 
+def record_embeddings_only(
+    session: Session, study_uid: str, generation: int, scored: ScoredImages
+) -> bool:
+    """Keep the embeddings of a study that routing sends to retrieval only, and move its
+    newest generation to analysed (no findings, objects or jobs); commit. False when late
+    images reopened it meanwhile."""
+    study = _study(session, study_uid)
+    _keep_embeddings(session, study, scored)
+    moved = _still_to_analyse(study, generation)
+    if moved:
+        study.state = StudyState.ANALYSED
+        study.needs_reanalysis = False
+    session.commit()
+    return moved
+
+
 def mark_shadow_only(session: Session, study_uid: str, generation: int) -> bool:
     """End the study as ``shadow_only`` (no model was live) and commit; False when late images
     reopened it meanwhile or a live analysis already moved it on."""
     study = _study(session, study_uid)
-    if study.generation != generation or study.state not in (
-        StudyState.COMPLETE,
-        StudyState.QUEUED,
-    ):
+    if not _still_to_analyse(study, generation):
         return False
     study.state = StudyState.SHADOW_ONLY
     study.needs_reanalysis = False
     session.commit()
     return True
+
+
+def _keep_embeddings(session: Session, study: Study, scored: ScoredImages) -> None:
+    keep_image_embeddings(
+        session,
+        study_id=study.id,
+        site_id=study.site_id,
+        model_ref=scored.model_ref,
+        sop_instance_uids=scored.sop_instance_uids,
+        vectors=scored.vectors,
+    )
+
+
+def _still_to_analyse(study: Study, generation: int) -> bool:
+    """Whether a run of ``generation`` may move the study on: late images may have reopened
+    it (a newer generation, back to receiving) while the run went on."""
+    return study.generation == generation and study.state in (
+        StudyState.COMPLETE,
+        StudyState.QUEUED,
+    )
 
 
 def _analysis_row(study_id: int, new: NewAnalysis, role: str) -> Analysis:

@@ -109,6 +109,19 @@ def requeue_failed_job(session: Session, job_id: int) -> None:
     job.updated_at = utcnow()
 
 
+def requeue_all_failed_jobs(session: Session, destination: str | None = None) -> list[int]:
+    """Put every dead-lettered job (of ``destination``, when given) back to pending; their ids,
+    oldest first, for the caller to queue."""
+    query = select(DispatchJob).where(DispatchJob.state == "failed").order_by(DispatchJob.id)
+    if destination is not None:
+        query = query.where(DispatchJob.destination == destination)
+    jobs = list(session.scalars(query))
+    for job in jobs:
+        job.state = "pending"
+        job.updated_at = utcnow()
+    return [job.id for job in jobs]
+
+
 def count_failed_jobs(session: Session) -> int:
     """How many jobs are dead-lettered and wait for an operator."""
     return int(

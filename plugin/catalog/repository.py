@@ -356,6 +356,35 @@ def audit_events(session: Session, *, event: str | None = None) -> Sequence[Audi
     return session.scalars(query).all()
 
 
+def recent_audit_events(
+    session: Session,
+    *,
+    events: Sequence[str] = (),
+    study_uid: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """The newest audit entries first, as plain data (``pacsclip audit list``)."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if events:
+        query = query.where(AuditEvent.event.in_(list(events)))
+    if study_uid:
+        query = query.where(AuditEvent.study_instance_uid == study_uid)
+    return [
+        {
+            "id": e.id,
+            "at": e.at.isoformat(),
+            "event": e.event,
+            "calling_ae_title": e.calling_ae_title,
+            "peer_host": e.peer_host,
+            "study_instance_uid": e.study_instance_uid,
+            "sop_instance_uid": e.sop_instance_uid,
+            "status": e.status,
+            "detail": e.detail,
+        }
+        for e in session.scalars(query)
+    ]
+
+
 def cataloged_paths(session: Session) -> set[str]:
     return set(session.scalars(select(Instance.path)).all())
 

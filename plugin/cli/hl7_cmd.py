@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from plugin.cli.common import command_settings, exit_on_error, fail, open_sessions
+from plugin.cli.common import command_settings, exit_on_error, fail
 
 
 def hl7_listen(
@@ -27,8 +27,11 @@ def hl7_listen(
     def listening(bound_host: str, bound_port: int) -> None:
         typer.echo(f"listening on {bound_host}:{bound_port}")
 
+    from plugin.catalog.db import open_catalog
+
     with exit_on_error():
-        intake = intake_for(settings, open_sessions(settings))
+        # A service: like the node, it may be the first process of a new deployment.
+        intake = intake_for(settings, open_catalog(settings.effective_database_url).sessions)
         try:
             main(settings, intake, on_listening=listening)
         except OSError as exc:

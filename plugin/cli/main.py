@@ -15,7 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from plugin.cli.adapt_cmd import adapt_app
-from plugin.cli.common import JsonFlag, command_settings, fail, open_sessions, print_json
+from plugin.cli.common import (
+    JsonFlag,
+    command_settings,
+    fail,
+    find_config,
+    open_sessions,
+    print_json,
+)
 from plugin.cli.demo_cmd import demo_app
 from plugin.cli.hl7_cmd import hl7_listen
 from plugin.cli.model_cmd import model_app
@@ -41,12 +48,14 @@ quarantine_app = typer.Typer(no_args_is_help=True, help="Objects that were refus
 rules_app = typer.Typer(no_args_is_help=True, help="Routing rules.")
 db_app = typer.Typer(no_args_is_help=True, help="Catalog database.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Result dispatch jobs.")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit log.")
 app.add_typer(config_app, name="config")
 app.add_typer(studies_app, name="studies")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(audit_app, name="audit")
 app.add_typer(model_app, name="model")
 app.add_typer(revisit_app, name="revisit")
 app.add_typer(adapt_app, name="adapt")
@@ -77,17 +86,21 @@ def root(
 ) -> None:
     ctx.obj = {
         "config": config,
+        "config_source": find_config(config),
         "overrides": {"data_dir": data_dir, "database_url": database_url, "log_level": log_level},
     }
 
 
 @config_app.command("show")
 def config_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Print the effective settings, passwords masked."""
+    """Print the config file read (and where it was found) and the effective settings,
+    passwords masked."""
+    source = (ctx.obj or {}).get("config_source") or find_config(None)
     data = command_settings(ctx).masked()
     if as_json:
-        print_json(data)
+        print_json({"config_file": None if source.path is None else str(source.path), **data})
         return
+    typer.echo(f"# config file: {source.describe()}")
     for key, value in data.items():
         typer.echo(f"{key} = {json.dumps(value)}")
 
@@ -207,18 +220,44 @@ def jobs_list(
 
 
 @jobs_app.command("retry")
-def jobs_retry(ctx: typer.Context, job_id: int) -> None:
-    """Replay a dead-lettered job: back to pending and onto the dispatch queue."""
+def jobs_retry(
+    ctx: typer.Context,
+    job_ids: Annotated[list[int] | None, typer.Argument(help="Dead-lettered job ids.")] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="Every dead-lettered job (of --destination).")
+    ] = False,
+    destination: Annotated[
+        str | None, typer.Option(help="With --all: only the jobs to this destination.")
+    ] = None,
+) -> None:
+    """Replay dead-lettered jobs: back to pending and onto the dispatch queue."""
+    from plugin.catalog.dispatch_jobs import requeue_all_failed_jobs
     from plugin.delivery.jobs import replay
     from plugin.task_queue import DISPATCH_QUEUE, DISPATCH_RESULT, make_celery
 
+    if bool(job_ids) == every:
+        raise fail("name the job ids, or --all [--destination NAME]")
+    if destination is not None and not every:
+        raise fail("--destination goes with --all")
     settings = command_settings(ctx)
-    try:
-        replay(open_sessions(settings), job_id)
-    except (LookupError, ValueError) as exc:
-        raise fail(str(exc), 1) from exc
-    make_celery(settings).send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
-    typer.echo(f"job {job_id} queued for dispatch again")
+    sessions = open_sessions(settings)
+    if every:
+        with sessions.begin() as session:
+            queued = requeue_all_failed_jobs(session, destination)
+    else:
+        queued = list(job_ids or [])
+        for job_id in queued:
+            try:
+                replay(sessions, job_id)
+            except (LookupError, ValueError) as exc:
+                raise fail(str(exc), 1) from exc
+    app = make_celery(settings)
+    for job_id in queued:
+        app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
+    if len(queued) == 1 and not every:
+        typer.echo(f"job {queued[0]} queued for dispatch again")
+    else:
+        typer.echo(f"{len(queued)} jobs queued for dispatch again")
 
 
 @app.command()
@@ -270,6 +309,35 @@ def studies_list(
             f"{r['study_instance_uid']}  {r['state']:<9}  {r['priority'] or '-':<7}  "
             f"{r['instances']:>5} inst  site={r['site']}  received={r['received_at']}"
         )
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    event: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this event (repeatable): golive, golive_refused, stored, ..."),
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="Only entries about this study.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """Audit entries, newest first: what was received or refused and from whom, go-live
+    decisions and overrides with their reasons."""
+    from plugin.catalog.repository import recent_audit_events
+
+    with open_sessions(command_settings(ctx))() as session:
+        rows = recent_audit_events(session, events=event or (), study_uid=study, limit=limit)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("no audit entries")
+    for r in rows:
+        who = r["calling_ae_title"] or ""
+        where = f" study={r['study_instance_uid']}" if r["study_instance_uid"] else ""
+        status = f" status=0x{r['status']:04X}" if r["status"] is not None else ""
+        typer.echo(f"{r['at']}  {r['event']:<20} {who}{where}{status}  {r['detail'] or ''}")
 
 
 @studies_app.command("requeue")

@@ -2,13 +2,16 @@
 
 The dispatch task calls ``deliver`` once per attempt and maps the answer: ``RetryLater`` to a
 retry after ``countdown_s``, the others to its return value. Retryable errors are retried
-``dispatch_max_retries`` times with exponential backoff; then, or at once for an error that
+``dispatch_max_retries`` times with capped exponential backoff and jitter; then, or at once
+for an error that
 sending again cannot fix, the job is dead-lettered (state "failed") until ``replay``.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,13 +70,31 @@ def job_files(sessions: sessionmaker[Session], settings: Settings, job_id: int) 
     return JobFiles(job.job_id, destination, files, job.state)
 
 
-def retry_countdown(error: DispatchError, attempt: int, settings: Settings) -> float | None:
+def retry_countdown(
+    error: DispatchError,
+    attempt: int,
+    settings: Settings,
+    jitter: Callable[[], float] | None = None,
+) -> float | None:
     """Seconds to wait before the next attempt, or None when the job is to be dead-lettered.
 
-    attempt counts the retries made so far (0 on the first attempt)."""
+    attempt counts the retries made so far (0 on the first attempt). The delay doubles up to
+    ``dispatch_backoff_max_s`` and varies by up to 20%, so that the jobs a destination's
+    outage held back do not all come back in the same second."""
     if not error.retryable or attempt >= settings.dispatch_max_retries:
         return None
-    return settings.dispatch_backoff_s * 2.0**attempt
+    return _delay_s(settings, attempt) * (jitter or (lambda: random.uniform(0.8, 1.2)))()
+
+
+def retry_schedule_s(settings: Settings) -> float:
+    """How long a retryable failure is retried before its dead letter, without jitter."""
+    return sum(_delay_s(settings, a) for a in range(settings.dispatch_max_retries))
+
+
+def _delay_s(settings: Settings, attempt: int) -> float:
+    # The exponent is capped: 2.0**attempt overflows long before a retry count could.
+    doubled = settings.dispatch_backoff_s * 2.0 ** min(attempt, 60)
+    return min(settings.dispatch_backoff_max_s, doubled)
 
 
 def deliver(

@@ -22,7 +22,12 @@ logger = logging.getLogger(__name__)
 
 
 class UnframedBlock(PacsclipError):
-    """A block that does not start with the MLLP start character <VT>."""
+    """A block that does not start with the MLLP start character <VT>; ``raw`` holds what
+    came (up to its end block), to be kept like any message."""
+
+    def __init__(self, message: str, raw: bytes) -> None:
+        super().__init__(message)
+        self.raw = raw
 
 
 class OversizeNotKept(PacsclipError):
@@ -53,7 +58,7 @@ async def read_message(
             raise OversizeNotKept(error.strerror or str(error)) from error
         return await _stream_to(message, reader, exc.consumed)
     if block[: len(START_BLOCK)] != START_BLOCK:
-        raise UnframedBlock("cannot parse: not framed as MLLP")
+        raise UnframedBlock("cannot parse: not framed as MLLP", block)
     return block[len(START_BLOCK) : -len(END_BLOCK)]
 
 

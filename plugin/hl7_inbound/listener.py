@@ -65,6 +65,7 @@ MAX_MESSAGE_BYTES: Final = 1 << 20
 # (a whole report with a large embedded document), bounded so that no sender fills the disk.
 OVERSIZE_KEPT_BYTES: Final = 16 * MAX_MESSAGE_BYTES
 READ_TIMEOUT_S: Final = 60.0
+NO_FRAME_ID: Final = "unframed"  # the inbox name of a block without its MLLP start character
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -162,7 +163,7 @@ class ReportListener:
                         read_message(reader, self._receive_oversize), self.read_timeout_s
                     )
                 except UnframedBlock as exc:
-                    logger.warning("hl7 block without its MLLP start character: refused")
+                    await self._keep_unframed(exc.raw)
                     await self._answer_unframed(writer, str(exc))
                 except OversizeNotKept as exc:
                     # The rest of the message is still on its way: the framing is lost.
@@ -186,6 +187,19 @@ class ReportListener:
 
     def _receive_oversize(self) -> OversizeMessage:
         return self.inbox.receive_oversize(self.oversize_kept_bytes)
+
+    async def _keep_unframed(self, raw: bytes) -> None:
+        """Kept like any message, refused or not: the sender's bytes are its record."""
+        try:
+            kept = await asyncio.to_thread(self.inbox.keep, raw, NO_FRAME_ID, self._clock())
+        except OSError as exc:
+            logger.error("hl7 block without its MLLP start character not kept: %s", exc)
+            return
+        logger.warning(
+            "hl7 block without its MLLP start character (%d bytes) refused, kept as %s",
+            len(raw),
+            kept.name,
+        )
 
     async def _answer_unframed(self, writer: Any, reason: str) -> None:
         outcome = Outcome(AckCode.APPLICATION_REJECT, reason, ErrorCondition.SEGMENT_SEQUENCE_ERROR)

@@ -120,9 +120,12 @@ def test_unreachable_destination_is_retried_then_dead_lettered_and_replayable(
 
     out = tmp_path / "pacs"
     out.mkdir()
+    elsewhere = run.cli("jobs", "retry", "--all", "--destination", "archive")
+    assert (elsewhere.returncode, elsewhere.stdout) == (0, "0 jobs queued for dispatch again\n")
     with storescp(port, out, aet="PACS"):
-        replay = run.cli("jobs", "retry", str(job["id"]))
+        replay = run.cli("jobs", "retry", "--all", "--destination", "down")
         assert replay.returncode == 0, replay.stderr
+        assert replay.stdout == "1 jobs queued for dispatch again\n"
         run.wait_for_state(study_uid, "delivered")
     assert len(list(out.iterdir())) == 2
 
@@ -234,3 +237,36 @@ def test_with_no_live_model_nothing_is_sent_until_one_goes_live(
     with run.node.sessions() as session:
         roles = {(a.algorithm_name, a.role) for a in session.scalars(select(Analysis))}
     assert roles == {("pacsclip-demo", "live")}  # the live run replaced the shadow record
+
+
+def test_a_study_routed_to_retrieval_only_is_indexed_and_nothing_is_sent(
+    pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    from plugin.catalog.models import Analysis, DispatchJob
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nrules:\n  - name: ct-search-only\n    match: {modality: [CT]}\n"
+        "    pipelines: [retrieval]\n"
+    )
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    with storescp(port, out, aet="PACS"):
+        run = pipeline(
+            rules_file=rules,
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        )
+        [source] = ct_small_copies(1, tmp_path / "src")
+        study_uid = str(dcmread(source).StudyInstanceUID)
+        assert storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+        run.wait_for_state(study_uid, "analysed")
+
+    assert list(out.iterdir()) == []
+    with run.node.sessions() as session:
+        analyses = session.scalar(select(func.count(Analysis.id)))
+        jobs = session.scalar(select(func.count(DispatchJob.id)))
+        embeddings = session.scalar(select(func.count(ImageEmbedding.id)))
+    assert (analyses, jobs, embeddings) == (0, 0, 1)
+    index = run.settings.data_dir / "retrieval"
+    assert any(index.rglob("*")), "the similar-case index was not written"

@@ -55,6 +55,11 @@ class OrthancServer:
         self.log_path = Path()
 
     @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The running Orthanc, for a caller that stops it by its PID itself."""
+        return self._process
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 

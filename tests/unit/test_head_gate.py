@@ -145,6 +145,13 @@ def test_a_better_head_goes_live_and_an_override_is_audited(
     assert event == "golive_forced" and "vendor support case 12" in detail
     assert f"site-head-v{good}" in detail  # it replaced the head that was live
 
+    code, out = cli(data, "audit", "list", "--event", "golive_forced", "--event", "golive")
+    assert code == 0, out
+    lines = out.splitlines()
+    assert len(lines) == 2  # newest first: the override, then the head that passed
+    assert "golive_forced" in lines[0] and "vendor support case 12" in lines[0]
+    assert "golive " in lines[1] and "every check passed" in lines[1]
+
 
 def test_the_operations_page_says_why_a_head_may_not_go_live(
     site_with_reports: tuple[Path, str, Path],

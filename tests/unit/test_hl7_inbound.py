@@ -489,6 +489,28 @@ def test_a_message_over_the_limit_is_kept_refused_with_its_size_and_the_connecti
     assert "x" * 20 not in caplog.text and "DOE" not in caplog.text
 
 
+def test_a_block_without_its_start_character_is_kept_refused_and_the_next_one_served(
+    harness: Harness,
+) -> None:
+    unframed = oru("ACC-9")
+
+    def send(running: RunningListener) -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as conn:
+            conn.sendall(unframed + END_BLOCK)  # no <VT> before it
+            first = read_frame(conn)
+            conn.sendall(START_BLOCK + oru() + END_BLOCK)
+            return [first, read_frame(conn)]
+
+    results: list[bytes] = []
+    run_listener(harness, lambda running: results.extend(send(running)))
+
+    assert msa(results[0]) == ("AR", "", "cannot parse: not framed as MLLP")
+    assert msa(results[1])[0] == "AA"
+    (kept,) = harness.inbox.root.glob("*-unframed.hl7")
+    assert kept.read_bytes() == unframed + END_BLOCK
+    assert [a["accession"] for a in harness.intake.added] == ["ACC-1"]
+
+
 def test_what_is_kept_of_a_message_over_the_limit_is_capped_and_marked(harness: Harness) -> None:
     harness.limit, harness.kept = 4096, 8192
     large = oru(text="y" * 50_000)

@@ -6,6 +6,7 @@ from io import BytesIO
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.errors import BytesLengthException
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.object_checks import InvalidObject, Problem, inspect_dataset, read_header
@@ -119,6 +120,23 @@ def test_a_bogus_vr_after_the_header_is_unparsable(ct: Dataset) -> None:
     with pytest.raises(NotImplementedError, match="ZZ"):
         _whole(broken)
     _whole(data)  # the unbroken bytes read
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_number_whose_length_does_not_fit_its_vr_is_unparsable(
+    ct: Dataset, implicit: bool
+) -> None:
+    data = encoded(ct, implicit=implicit).getvalue()
+    header = b"\x28\x00\x11\x00" + (b"\x02\x00\x00\x00" if implicit else b"US\x02\x00")
+    at = data.index(header)  # Columns (US), 2 bytes; made 3
+    longer = header[:-4] + (b"\x03\x00\x00\x00" if implicit else b"US\x03\x00")
+    broken = data[:at] + longer + data[at + len(header) : at + len(header) + 2] + b"\x00"
+    broken += data[at + len(header) + 2 :]
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+    with pytest.raises(BytesLengthException):
+        _whole(broken, syntax)
+    _whole(data, syntax)  # the unbroken bytes read
 
 
 @pytest.mark.parametrize("keyword", ["Rows", "BitsAllocated"])

@@ -91,18 +91,18 @@ def test_rule_omitting_fields_takes_them_from_defaults() -> None:
 
 THREE_RULES = rules(
     "  - name: first\n    match: {modality: CR}\n"
-    "    pipelines: [retrieval, triage]\n    destinations: [b, a]\n"
+    "    pipelines: [retrieval]\n    destinations: [b, a]\n"
     "  - name: not-matching\n    match: {modality: MR}\n"
-    "    pipelines: [mr-only]\n    priority: stat\n    destinations: [mr_node]\n"
+    "    pipelines: [triage]\n    priority: stat\n    destinations: [mr_node]\n"
     "  - name: second\n    match: {}\n"
-    "    pipelines: [triage, revisit]\n    destinations: [a, c]\n"
+    "    pipelines: [triage, retrieval]\n    destinations: [a, c]\n"
 )
 
 
 def test_matching_rules_union_in_file_order() -> None:
     decision = parse_rules(THREE_RULES).decide(study(modalities={"CR"}))
     assert decision.matched_rules == ("first", "second")
-    assert decision.pipelines == ("retrieval", "triage", "revisit")
+    assert decision.pipelines == ("retrieval", "triage")
     assert decision.destinations == ("b", "a", "c")
     assert decision.priority == "routine"
 
@@ -158,7 +158,7 @@ def test_star_destination_absorbs_named_ones() -> None:
 def test_decision_as_dict_is_json_ready() -> None:
     decision = parse_rules(THREE_RULES).decide(study(modalities={"CR"}))
     assert json.loads(json.dumps(decision.as_dict())) == {
-        "pipelines": ["retrieval", "triage", "revisit"],
+        "pipelines": ["retrieval", "triage"],
         "priority": "routine",
         "destinations": ["b", "a", "c"],
         "matched_rules": ["first", "second"],
@@ -168,7 +168,7 @@ def test_decision_as_dict_is_json_ready() -> None:
 def test_referenced_names_for_startup_checks() -> None:
     ruleset = parse_rules(THREE_RULES)
     assert ruleset.destination_names == {"*", "a", "b", "c", "mr_node"}
-    assert ruleset.pipeline_names == {"triage", "retrieval", "revisit", "mr-only"}
+    assert ruleset.pipeline_names == {"triage", "retrieval"}
 
 
 # --- matching -----------------------------------------------------------------------------------
@@ -415,3 +415,13 @@ def test_load_rules_validates_files(tmp_path: Path) -> None:
         load_rules(path)
     assert str(path) in str(info.value)
     assert "rule #1 ('x'), field 'final'" in str(info.value)
+
+
+def test_an_unknown_pipeline_is_refused_when_the_rules_load() -> None:
+    message = error_of(
+        rules("  - name: ct-search\n    match: {modality: [CT]}\n    pipelines: [retreival]\n")
+    )
+    assert "rule #1 ('ct-search'), field 'pipelines': unknown pipeline 'retreival'" in message
+    assert "known: triage, retrieval" in message
+    in_defaults = error_of(rules("  []\n", defaults="defaults:\n  pipelines: [triage, sr]\n"))
+    assert "defaults, field 'pipelines': unknown pipeline 'sr'" in in_defaults
