@@ -332,8 +332,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _retry_below_visibility(self) -> Settings:
-        # Jitter may lengthen a delay by a fifth: it must still end before Redis redelivers.
-        if self.dispatch_backoff_max_s * 1.2 >= self.task_visibility_timeout_s:
+        # Only Redis redelivers an unacknowledged (waiting) task after the visibility timeout;
+        # jitter may lengthen a delay by a fifth, and it must still end before that.
+        on_redis = (self.broker_url or "").startswith(("redis://", "rediss://"))
+        if on_redis and self.dispatch_backoff_max_s * 1.2 >= self.task_visibility_timeout_s:
             raise ValueError(
                 f"dispatch_backoff_max_s ({self.dispatch_backoff_max_s:g}) times 1.2 must stay "
                 f"below task_visibility_timeout_s ({self.task_visibility_timeout_s}): lower the "

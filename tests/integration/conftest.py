@@ -112,6 +112,7 @@ def worker_env(settings: Settings, bundle: Path | None) -> dict[str, str]:
         PACSCLIP_DISPATCH_MAX_RETRIES=str(settings.dispatch_max_retries),
         PACSCLIP_DISPATCH_BACKOFF_S=str(settings.dispatch_backoff_s),
         PACSCLIP_TASK_VISIBILITY_TIMEOUT_S=str(settings.task_visibility_timeout_s),
+        PACSCLIP_DISPATCH_BACKOFF_MAX_S=str(settings.dispatch_backoff_max_s),
     )
     if settings.webhook_url:
         env["PACSCLIP_WEBHOOK_URL"] = settings.webhook_url

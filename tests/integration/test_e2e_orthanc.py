@@ -154,6 +154,7 @@ def test_worker_killed_mid_task_is_redelivered_and_orthanc_gets_one_sr(
             broker_url=redis_broker,
             result_backend_url=REDIS_URL,
             task_visibility_timeout_s=10,
+            dispatch_backoff_max_s=5.0,
             slow_analysis_s=6.0,
         )
         study_uid = push_study(orthanc, tmp_path)

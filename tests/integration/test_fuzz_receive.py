@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.fuzz.receive import run_fuzz
 
-CASES = 1000
+CASES = 400
 
 
 def test_fuzzed_datasets_and_raw_pdus_get_clear_answers_and_the_node_stays_up(

@@ -147,4 +147,5 @@ def test_deliveries_are_retried_for_two_hours_with_capped_jittered_delays() -> N
     permanent = DispatchError("SOP class not supported", destination="pacs", retryable=False)
     assert retry_countdown(permanent, 0, settings) is None
     with pytest.raises(ConfigError, match="below task_visibility_timeout_s"):
-        load_settings(dispatch_backoff_max_s=600)
+        load_settings(dispatch_backoff_max_s=600, broker_url="redis://127.0.0.1:6379/0")
+    assert load_settings(dispatch_backoff_max_s=600).dispatch_backoff_max_s == 600  # no Redis
