@@ -211,6 +211,7 @@ def inspect_dataset(
             series_description=_text(ds, "SeriesDescription"),
             series_number=_int(ds, "SeriesNumber"),
             institution_name=_text(ds, "InstitutionName"),
+            patient_name=_text(ds, "PatientName"),
             patient_id=_text(ds, "PatientID"),
             accession_number=_text(ds, "AccessionNumber"),
             study_date=_text(ds, "StudyDate"),

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -38,7 +38,14 @@ from plugin.catalog.analyses import (
 from plugin.catalog.db import Catalog
 from plugin.demo.radiographs import demo_radiographs
 from plugin.durable import write_durably
-from plugin.inference import SaliencyOutcome, TriageModel, TriageReport
+from plugin.inference import (
+    MAX_MAP_PIXELS,
+    UNMAPPED_TOO_LARGE,
+    FindingOutcome,
+    SaliencyOutcome,
+    TriageModel,
+    TriageReport,
+)
 from plugin.results import (
     AlgorithmIdentity,
     DistributionCheck,
@@ -48,14 +55,17 @@ from plugin.results import (
     build_measurement_report,
     build_overlay,
 )
+from plugin.results.seg import build_segmentation, segmented_findings
 from plugin.results.study_result import MANUFACTURER
 from plugin.settings import DestinationConfig, Settings
+from plugin.triage.saliency import outlines
 
 logger = logging.getLogger(__name__)
 
 # Series numbers of pacsclip's result series: high, so they sort after the acquisitions.
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+SEG_SERIES_NUMBER = 9903
 ALL_DESTINATIONS = "*"
 # The synthetic image a worker scores once at start (a stream no demo data set draws from).
 WARM_UP_STREAM = 99
@@ -78,7 +88,7 @@ class AnalysisOutcome:
 
 @dataclass(frozen=True)
 class BuiltObject:
-    kind: str  # SR | SC
+    kind: str  # SR | SC | SEG
     dataset: Dataset
 
 
@@ -110,14 +120,23 @@ class StudyAnalyser:
         report = self.model.triage([source])
         heatmap = np.zeros((source.Rows, source.Columns), dtype=np.float32)
         heatmap[: source.Rows // 2, : source.Columns // 2] = 1.0
+        name = self.model.finding_names[0]
         saliency = SaliencyOutcome(
-            finding=self.model.finding_names[0],
+            finding=name,
             sop_instance_uid=str(source.SOPInstanceUID),
             heatmap=heatmap,
             peak=(0, 0, 1.0),
             region=(0, 0, source.Rows // 2 - 1, source.Columns // 2 - 1),
+            outlines=tuple(outlines(heatmap)),
         )
-        report = replace(report, saliency=[saliency])
+        # The finding present on its image, so that the SR's region and the SEG are built too.
+        present = [
+            replace(f, decision="present", source_sop_instance_uid=str(source.SOPInstanceUID))
+            if f.name == name
+            else f
+            for f in report.findings
+        ]
+        report = replace(report, findings=present, saliency=[saliency])
         built = self._build([source], report, generation=1, predecessor=None)
         for obj in built:
             obj.dataset.save_as(BytesIO(), enforce_file_format=True)
@@ -147,8 +166,16 @@ class StudyAnalyser:
         with _timed(steps, "write"):
             stored = [self._write(study_uid, obj) for obj in built]
         with _timed(steps, "record"):
+            sources = {str(ds.SOPInstanceUID): ds for ds in datasets}
+            rows = finding_rows(report, self._study_result(report, sources).findings)
             outcome = self._record(
-                study_uid, generation, report, stored, destinations, time.monotonic() - started
+                study_uid,
+                generation,
+                report,
+                rows,
+                stored,
+                destinations,
+                time.monotonic() - started,
             )
         outcome.steps.update(steps)
         if report.distribution is not None:
@@ -203,28 +230,10 @@ class StudyAnalyser:
     ) -> list[BuiltObject]:
         study_uid = str(datasets[0].StudyInstanceUID)
         uids = ResultUids(study_uid, self.algorithm, generation)
-        regions = {s.finding: s.region for s in report.saliency}
-        result = StudyResult(
-            findings=[
-                FindingResult(
-                    name=f.name,
-                    display=f.display,
-                    code=None,
-                    probability=f.probability,
-                    decision=f.decision,  # type: ignore[arg-type]
-                    threshold=f.threshold,
-                    region=regions.get(f.name),
-                    source_sop_instance_uid=f.source_sop_instance_uid,
-                )
-                for f in report.findings
-            ],
-            priority=report.priority,  # type: ignore[arg-type]
-            triggered_by=report.triggered_by,
-            algorithm=self.algorithm,
-            distribution=_distribution_check(report),
-        )
-        when = self.now()
         scored = [ds for ds in datasets if str(ds.SOPInstanceUID) in set(report.images)]
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in scored}
+        result = self._study_result(report, by_uid)
+        when = self.now()
         sr = build_measurement_report(
             scored,
             result,
@@ -236,7 +245,7 @@ class StudyAnalyser:
             predecessor=predecessor,
         )
         objects = [BuiltObject("SR", sr)]
-        by_uid = {str(ds.SOPInstanceUID): ds for ds in scored}
+        findings = {f.name: f for f in result.findings}
         for n, saliency in enumerate(report.saliency):
             source = by_uid[saliency.sop_instance_uid]
             display = report.displays.get(saliency.sop_instance_uid)
@@ -248,6 +257,7 @@ class StudyAnalyser:
                         saliency.heatmap,
                         result,
                         self.model.display(source) if display is None else display,
+                        finding=findings[saliency.finding],
                         series_uid=uids.sc_series,
                         sop_uid=uids.sc_instance(n),
                         series_number=SC_SERIES_NUMBER,
@@ -256,7 +266,46 @@ class StudyAnalyser:
                     ),
                 )
             )
+        if self.settings.result_seg:
+            objects.extend(self._segmentations(scored, result, uids, when))
         return objects
+
+    def _study_result(self, report: TriageReport, sources: dict[str, Dataset]) -> StudyResult:
+        return StudyResult(
+            findings=[
+                _finding_result(f, report, sources, regions_on=self.settings.result_regions)
+                for f in report.findings
+            ],
+            priority=report.priority,  # type: ignore[arg-type]
+            triggered_by=report.triggered_by,
+            algorithm=self.algorithm,
+            distribution=_distribution_check(report),
+        )
+
+    def _segmentations(
+        self,
+        sources: Sequence[Dataset],
+        result: StudyResult,
+        uids: ResultUids,
+        when: datetime,
+    ) -> list[BuiltObject]:
+        """One SEG per image that a present finding has a region on, in one series."""
+        with_regions = [ds for ds in sources if segmented_findings(result, ds)]
+        return [
+            BuiltObject(
+                "SEG",
+                build_segmentation(
+                    source,
+                    result,
+                    series_uid=uids.seg_series,
+                    sop_uid=uids.seg_instance(n),
+                    series_number=SEG_SERIES_NUMBER,
+                    instance_number=n + 1,
+                    content_datetime=when,
+                ),
+            )
+            for n, source in enumerate(with_regions)
+        ]
 
     def _write(self, study_uid: str, obj: BuiltObject) -> ResultFile:
         ds = obj.dataset
@@ -279,6 +328,7 @@ class StudyAnalyser:
         study_uid: str,
         generation: int,
         report: TriageReport,
+        findings: list[dict[str, object]],
         objects: list[ResultFile],
         destinations: list[DestinationConfig],
         duration_s: float,
@@ -290,7 +340,7 @@ class StudyAnalyser:
             synthetic=self.algorithm.synthetic,
             priority=report.priority,
             triggered_by=list(report.triggered_by),
-            findings=finding_rows(report),
+            findings=findings,
             ood=report.ood_dict(),
             duration_s=duration_s,
             objects=objects,
@@ -323,20 +373,82 @@ def read_study(spool_dir: Path, paths: Sequence[str]) -> list[Dataset]:
     return [ds for ds in datasets if str(ds.get("Manufacturer", "")) != MANUFACTURER]
 
 
-def finding_rows(report: TriageReport) -> list[dict[str, object]]:
-    """A triage's findings as the catalog keeps them."""
-    return [
-        {
-            "name": f.name,
-            "display": f.display,
-            "probability": f.probability,
-            "raw_probability": f.raw_probability,
-            "decision": f.decision,
-            "threshold": f.threshold,
-            "source_sop_instance_uid": f.source_sop_instance_uid,
-        }
-        for f in report.findings
-    ]
+def finding_rows(
+    report: TriageReport, results: Sequence[FindingResult] = ()
+) -> list[dict[str, object]]:
+    """A triage's findings as the catalog keeps them; with the `results` the SR was built
+    from, each present finding's regions as the SR and SEG outline them."""
+    maps = {s.finding: s for s in report.saliency}
+    built = {r.name: r for r in results}
+    rows: list[dict[str, object]] = []
+    for f in report.findings:
+        saliency = maps.get(f.name)
+        result = built.get(f.name)
+        shown = () if result is None or saliency is None else result.shown_regions
+        rows.append(
+            {
+                "name": f.name,
+                "display": f.display,
+                "probability": f.probability,
+                "raw_probability": f.raw_probability,
+                "decision": f.decision,
+                "threshold": f.threshold,
+                "source_sop_instance_uid": f.source_sop_instance_uid,
+                "code": None if f.code is None else asdict(f.code),
+                "scored_by": f.scored_by,
+                "localisation": None if saliency is None else saliency.method,
+                "regions": [
+                    {"sop_instance_uid": f.source_sop_instance_uid, "contour": [list(p) for p in o]}
+                    for o in shown
+                ],
+                **({"region_note": result.region_note} if result and result.region_note else {}),
+            }
+        )
+    return rows
+
+
+def _pixels(source: Dataset) -> int:
+    return int(source.get("Rows", 0) or 0) * int(source.get("Columns", 0) or 0)
+
+
+def _finding_result(
+    finding: FindingOutcome,
+    report: TriageReport,
+    sources: dict[str, Dataset],
+    *,
+    regions_on: bool,
+) -> FindingResult:
+    """A finding as the result builders take it: its regions only where it is present, and
+    the reason when a present finding has none."""
+    saliency = next((s for s in report.saliency if s.finding == finding.name), None)
+    source = sources.get(finding.source_sop_instance_uid)
+    regions: tuple[tuple[tuple[float, float], ...], ...] = ()
+    note = None
+    if finding.decision == "present":
+        if not regions_on:
+            note = "region output is turned off (result_regions)"
+        elif saliency is None and source is not None and _pixels(source) > MAX_MAP_PIXELS:
+            note = UNMAPPED_TOO_LARGE
+        elif saliency is None:
+            note = "no heat map was computed for this study"
+        elif source is not None and int(source.get("NumberOfFrames", 1) or 1) > 1:
+            note = "regions are placed on single-frame images only"
+        elif not saliency.outlines:
+            note = "the heat map points at no region"
+        else:
+            regions = tuple(tuple((c, r) for c, r in o.as_list()) for o in saliency.outlines)
+    return FindingResult(
+        name=finding.name,
+        display=finding.display,
+        code=finding.code,
+        probability=finding.probability,
+        decision=finding.decision,  # type: ignore[arg-type]
+        threshold=finding.threshold,
+        source_sop_instance_uid=finding.source_sop_instance_uid,
+        outlines=regions,
+        scored_by=finding.scored_by,
+        region_note=note,
+    )
 
 
 @contextmanager

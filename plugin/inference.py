@@ -13,7 +13,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,8 @@ from plugin.disclaimers import NOT_FOR_DIAGNOSIS
 from plugin.imaging import ImageSpec, display_array, model_input, pool_scores, select_images
 from plugin.models.bundle import SYNTHETIC_NOTICE, Bundle
 from plugin.models.runtime import ImageEncoder, PromptEmbeddings
+from plugin.results.finding_codes import finding_code
+from plugin.results.study_result import FindingCode
 from plugin.triage import (
     NOT_SCORED,
     Calibration,
@@ -34,17 +36,22 @@ from plugin.triage import (
     decide,
     occlusion_maps,
     peak,
-    region,
     zero_shot_probabilities,
 )
 from plugin.triage.ood import OodReference, OodReferenceError, StudyDistribution
+from plugin.triage.patch_maps import finding_map, input_map_to_image
+from plugin.triage.saliency import Outline, outlines
 from plugin.triage.site_heads import SiteHead, apply_site_head
 
 logger = logging.getLogger(__name__)
 
 AI_NOTICE = NOT_FOR_DIAGNOSIS
-# Occlusion runs at about the tower's resolution: finer maps cost more than they show.
-SALIENCY_MAX_SIDE = 224
+# Occlusion squares are this share of the tower's input side (32 pixels of a 224 input),
+# moved by half a square: finer maps cost more passes than they show.
+OCCLUSION_PATCH = 1 / 7
+# Images larger than this (pixels) get no heat map: 64 megapixels, beyond any radiograph.
+MAX_MAP_PIXELS = 64_000_000
+UNMAPPED_TOO_LARGE = "the image is too large for a heat map (over 64 megapixels)"
 REGION_KEYS = ("row_min", "col_min", "row_max", "col_max")
 
 
@@ -57,6 +64,11 @@ class FindingOutcome:
     decision: str  # present | absent | indeterminate
     threshold: float
     source_sop_instance_uid: str  # the image that scored highest
+    # What produced the score: zero-shot prompts, the bundle's head or a site head, and the
+    # calibration applied (results say it beside the score).
+    scored_by: str = "zero-shot prompts"
+    # The finding's standard code (the bundle's, else a default for its name); None: none.
+    code: FindingCode | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,10 @@ class SaliencyOutcome:
     heatmap: NDArray[np.float32]  # at the source image size, in [0, 1]
     peak: tuple[int, int, float]
     region: tuple[int, int, int, int] | None  # row_min, col_min, row_max, col_max
+    # The regions the map points at, hottest first (plugin/triage/saliency.py outlines).
+    outlines: tuple[Outline, ...] = ()
+    # "patch-similarity" (the tower's patch tokens, plugin/triage/patch_maps.py) or "occlusion".
+    method: str = "occlusion"
 
 
 @dataclass(frozen=True)
@@ -126,16 +142,18 @@ class TriageReport:
             "ood": self.ood_dict(),
             "priority": self.priority,
             "triggered_by": self.triggered_by,
-            "findings": [f.__dict__ for f in self.findings],
+            "findings": [asdict(f) for f in self.findings],
             "images": self.images,
             "saliency": [
                 {
                     "finding": s.finding,
                     "sop_instance_uid": s.sop_instance_uid,
+                    "method": s.method,
                     "peak": {"row": s.peak[0], "col": s.peak[1], "value": s.peak[2]},
                     "region": None
                     if s.region is None
                     else dict(zip(REGION_KEYS, s.region, strict=True)),
+                    "outlines": [o.as_list() for o in s.outlines],
                 }
                 for s in self.saliency
             ],
@@ -169,6 +187,12 @@ class TriageModel:
             manifest.priority.model_dump(), [f.model_dump() for f in manifest.findings]
         )
         self.logit_scale = manifest.logit_scale
+        self.codes = {
+            f.name: finding_code(
+                f.name, None if f.code is None else FindingCode(**f.code.model_dump())
+            )
+            for f in manifest.findings
+        }
         self.head = _load_head(bundle)
         # Promoted site-adapted heads (site key -> (version, head)): they replace the scores of
         # their findings for studies of that site only (plugin/triage/site_heads.py).
@@ -234,6 +258,17 @@ class TriageModel:
             )
         return calibration
 
+    def _scored_by(self, finding: str, calibration: Calibration, site: str | None) -> str:
+        site_head = self._site_head(site)
+        if site_head is not None and finding in site_head[1].findings:
+            source = f"site head v{site_head[0]} of site {site}"
+        elif self.head is not None and finding in self.head.findings:
+            source = f"few-shot head {self.bundle.manifest.active_head}"
+        else:
+            source = "zero-shot prompts"
+        fitted = calibration.fitted_on
+        return f"{source}; calibrated on {fitted}" if fitted else f"{source}; not calibrated"
+
     def embed(self, datasets: Sequence[Dataset]) -> tuple[list[str], NDArray[np.float32]]:
         """The SOP Instance UIDs and image embeddings of the study's images, unscored (for the
         similar-case index when routing runs retrieval only)."""
@@ -255,7 +290,12 @@ class TriageModel:
         displays = [self.display(ds) for ds in images]
         decoded = time.perf_counter()
         inputs = np.stack([model_input(d, self.spec) for d in displays])
-        embeds = self.encoder.encode(inputs)
+        patches: NDArray[np.float32] | None = None
+        if self.encoder.has_patch_embeddings and saliency:
+            # The patch tokens come from the same forward pass: the maps need no other.
+            embeds, patches = self.encoder.encode_with_patches(inputs)
+        else:
+            embeds = self.encoder.encode(inputs)
         distribution = None if self.ood is None else self.ood.assess(embeds, inputs)
         if distribution is not None and not distribution.scored:
             return self._not_scored(images, displays, embeds, distribution, started, decoded)
@@ -282,6 +322,8 @@ class TriageModel:
                     decision=decide(calibrated, calibration),
                     threshold=calibration.threshold,
                     source_sop_instance_uid=str(images[best[j]].SOPInstanceUID),
+                    scored_by=self._scored_by(finding.name, calibration, site),
+                    code=self.codes[finding.name],
                 )
             )
         priority, triggered = self.policy.priority_for({f.name: f.probability for f in findings})
@@ -300,7 +342,10 @@ class TriageModel:
         )
         scored = time.perf_counter()
         if saliency:
-            report.saliency.extend(self._saliency(findings, images, displays, site))
+            kept_patches = None if patches is None else patches[kept]
+            report.saliency.extend(
+                self._saliency(findings, images, displays, site, patches=kept_patches)
+            )
         report.timings.update(
             decode=decoded - started,
             inference=scored - decoded,
@@ -351,50 +396,98 @@ class TriageModel:
         images: list[Dataset],
         displays: list[NDArray[np.float32]],
         site: str | None = None,
+        *,
+        patches: NDArray[np.float32] | None = None,
     ) -> list[SaliencyOutcome]:
-        """Heat maps for present or indeterminate findings (the most likely one if none)."""
-        shown = [f for f in findings if f.decision != "absent"] or [
-            max(findings, key=lambda f: f.probability)
-        ]
+        """Heat maps for present or undetermined findings; an absent one gets none, so no map
+        ever points at a finding the result says is not there."""
+        shown = [f for f in findings if f.decision != "absent"]
+        if not shown:
+            return []
         index_of = {str(ds.SOPInstanceUID): i for i, ds in enumerate(images)}
         column = {name: j for j, name in enumerate(self.finding_names)}
         by_image: dict[int, list[FindingOutcome]] = defaultdict(list)
         for finding in shown:
             by_image[index_of[finding.source_sop_instance_uid]].append(finding)
         maps: dict[str, NDArray[np.float32]] = {}
+        method = "occlusion" if patches is None else "patch-similarity"
         for i, on_image in by_image.items():
+            if displays[i].size > MAX_MAP_PIXELS:
+                # A full-size float map per finding would take gigabytes; the findings keep
+                # their scores, and the results say why they have no region.
+                continue
+            if patches is not None:
+                maps.update(self._patch_maps(on_image, patches[i], displays[i].shape))
+                continue
             columns = [column[f.name] for f in on_image]
-
-            def scores(batch: NDArray[Any], columns: list[int] = columns) -> NDArray[Any]:
-                inputs = np.stack([model_input(image, self.spec) for image in batch])
-                return self.probabilities(inputs, site)[:, columns]
-
-            # One occlusion pass per image serves every finding shown on it.
-            heatmaps = occlusion_maps(
-                displays[i],
-                scores,
-                len(columns),
-                patch=32,
-                stride=16,
-                max_side=SALIENCY_MAX_SIDE,
-            )
+            heatmaps = self._occlusion_maps(displays[i], columns, site)
             maps.update({f.name: h for f, h in zip(on_image, heatmaps, strict=True)})
         outcomes = []
         for finding in shown:
+            if finding.name not in maps:
+                continue
             heatmap = maps[finding.name]
-            box = region(heatmap)
+            found = tuple(outlines(heatmap))
+            box = found[0].box() if found else None
             outcomes.append(
                 SaliencyOutcome(
                     finding=finding.name,
                     sop_instance_uid=finding.source_sop_instance_uid,
                     heatmap=heatmap,
                     peak=peak(heatmap),
-                    region=None
-                    if box is None
-                    else (box.row_min, box.col_min, box.row_max, box.col_max),
+                    region=box,
+                    outlines=found,
+                    method=method,
                 )
             )
         return outcomes
+
+    def _occlusion_maps(
+        self, display: NDArray[np.float32], columns: list[int], site: str | None
+    ) -> list[NDArray[np.float32]]:
+        """Occlusion maps of the `columns` findings on one image, on its own pixel grid.
+
+        The squares are blanked in the model's input (size x size) rather than in the image:
+        the input is made once, not once per occluded copy, and a square covers the same
+        share of what the tower sees whatever the image's size. One pass of occluded inputs
+        serves every finding shown on the image.
+        """
+        size = self.spec.size
+        image = model_input(display, self.spec)
+        # What the tower is given for a black image: the value a blanked square takes.
+        blank = model_input(np.zeros_like(display), self.spec)
+
+        def scores(masks: NDArray[np.float32]) -> NDArray[np.float64]:
+            inputs = np.where(masks[:, np.newaxis] > 0.5, blank, image)
+            return self.probabilities(inputs, site)[:, columns]
+
+        # occlusion_maps blanks squares of its image with the baseline: on an all-zero image
+        # with baseline 1 its occluded copies are exactly the masks of the squares.
+        patch = max(2, round(size * OCCLUSION_PATCH))
+        on_input = occlusion_maps(
+            np.zeros((size, size), dtype=np.float32),
+            scores,
+            len(columns),
+            patch=patch,
+            stride=max(1, patch // 2),
+            baseline=1.0,
+        )
+        return [input_map_to_image(m, display.shape, self.spec) for m in on_input]
+
+    def _patch_maps(
+        self,
+        on_image: list[FindingOutcome],
+        patches: NDArray[np.float32],
+        shape: tuple[int, ...],
+    ) -> dict[str, NDArray[np.float32]]:
+        """Patch-similarity maps of one image's tokens [P, D], on its own pixel grid."""
+        grid = self.encoder.patch_grid(patches.shape[0])
+        prompts = {p.name: p for p in self.prompts}
+        height, width = shape
+        return {
+            f.name: finding_map(patches, grid, prompts[f.name], (height, width), self.spec)
+            for f in on_image
+        }
 
 
 def _load_head(bundle: Bundle) -> LinearProbe | TipAdapter | None:

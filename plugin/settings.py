@@ -21,6 +21,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from plugin.errors import ConfigError
+from plugin.viewer_links import OHIF_TEMPLATE, check_base, check_template
 
 
 class CallerRule(BaseModel):
@@ -192,6 +193,17 @@ class Settings(BaseSettings):
         description="Out-of-distribution guard: a study unlike the bundle's reference images "
         "is stored and indexed but not scored (no findings). Off: findings on every image.",
     )
+    result_regions: bool = Field(
+        True,
+        description="Where each present finding is: a heat map per finding not absent, its "
+        "regions outlined in the SR (SCOORD), the overlay and the dashboard. Off: no map is "
+        "computed (faster), the SR says no region was computed, and no SEG is made.",
+    )
+    result_seg: bool = Field(
+        True,
+        description="A DICOM SEG (one BINARY segment per present finding with a region) sent "
+        "with the SR and the overlay, in its own series.",
+    )
     report_vocabulary_file: Path | None = Field(
         None,
         description="YAML file adding report words per finding (terms, patterns, normal) to "
@@ -273,6 +285,18 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         None, description="Bearer token of /api; unset: every call but health answers 503."
     )
+    viewer_base_url: str | None = Field(
+        None,
+        description="The site's image viewer (e.g. `https://pacs.example.org/ohif`, or `/` "
+        "when it is served from the dashboard's own address); unset: a relative "
+        "viewer_url_template gives no link.",
+    )
+    viewer_url_template: str = Field(
+        OHIF_TEMPLATE,
+        description="Link from the worklist and the study page into the viewer: a path "
+        "after viewer_base_url, or a full http(s) URL; `{study_uid}` is replaced by the Study "
+        "Instance UID (no other field: patient data never goes into a URL); empty: no link.",
+    )
     revisit_flag_threshold: float = Field(
         0.5,
         ge=0.0,
@@ -341,6 +365,12 @@ class Settings(BaseSettings):
                 f"below task_visibility_timeout_s ({self.task_visibility_timeout_s}): lower the "
                 "first or raise the second"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _viewer_link(self) -> Settings:
+        check_template(self.viewer_url_template)
+        check_base(self.viewer_base_url)
         return self
 
     @model_validator(mode="after")

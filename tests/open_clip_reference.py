@@ -190,7 +190,17 @@ def openai_layout(model_module: Any, out: Path, texts: list[str], patch: int) ->
     with torch.no_grad():
         image = model.encode_image(_images(), normalize=True)
         text = model.encode_text(_ids(tokenizer, texts, CONTEXT_LENGTH), normalize=True)
-    return {"image": image.numpy(), "text": text.numpy(), "logit_scale": model.logit_scale}
+        # open_clip's own token output (after ln_post), then the projection the pooled
+        # token gets: the patch tokens in the joint space.
+        model.visual.output_tokens = True
+        _, tokens = model.visual(_images())
+        patches = tokens @ model.visual.proj
+    return {
+        "image": image.numpy(),
+        "text": text.numpy(),
+        "patches": patches.numpy(),
+        "logit_scale": model.logit_scale,
+    }
 
 
 def biomedclip_layout(model_module: Any, out: Path, texts: list[str]) -> dict[str, Any]:
@@ -248,7 +258,17 @@ def biomedclip_layout(model_module: Any, out: Path, texts: list[str]) -> dict[st
         image = model.encode_image(_images(), normalize=True)
         encoded = _ids(tokenizer, texts, BERT_CONTEXT_LENGTH)
         text_embeds = model.encode_text(encoded, normalize=True)
-    return {"image": image.numpy(), "text": text_embeds.numpy(), "logit_scale": model.logit_scale}
+        # timm's own token output (after its final norm), prefix tokens dropped, through
+        # open_clip's head: the patch tokens in the joint space.
+        trunk = model.visual.trunk
+        tokens = trunk.forward_features(_images())[:, trunk.num_prefix_tokens :]
+        patches = model.visual.head(tokens)
+    return {
+        "image": image.numpy(),
+        "text": text_embeds.numpy(),
+        "patches": patches.numpy(),
+        "logit_scale": model.logit_scale,
+    }
 
 
 def main() -> None:
@@ -265,6 +285,7 @@ def main() -> None:
         result = build()
         arrays[f"{name}/image"] = result["image"]
         arrays[f"{name}/text"] = result["text"]
+        arrays[f"{name}/patches"] = result["patches"]
         arrays[f"{name}/logit_scale"] = np.exp(result["logit_scale"].detach().numpy())
     np.savez(out / "reference.npz", **arrays)
 

@@ -51,6 +51,7 @@ class Study(Base):
         Index("ix_study_received_at_id", "received_at", "id"),
         Index("ix_study_state_received_at_id", "state", "received_at", "id"),
         Index("ix_study_priority_received_at_id", "priority", "received_at", "id"),
+        Index("ix_study_patient_id", "patient_id"),  # a study's priors (migration 0009)
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -59,6 +60,7 @@ class Study(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     priority: Mapped[str | None] = mapped_column(String(16), index=True)
     # Patient-level fields stay in the catalog (the PACS holds them too); they never reach a log.
+    patient_name: Mapped[str | None] = mapped_column(Text)  # DICOM PN, as received
     patient_id: Mapped[str | None] = mapped_column(String(64))
     accession_number: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))

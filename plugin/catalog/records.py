@@ -18,6 +18,7 @@ class ReceivedObject:
     series_description: str | None
     series_number: int | None
     institution_name: str | None
+    patient_name: str | None
     patient_id: str | None
     accession_number: str | None
     study_date: str | None

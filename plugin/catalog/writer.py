@@ -145,6 +145,7 @@ class CatalogWriter:
             study_instance_uid=obj.study_instance_uid,
             site_id=self._id(conn, learned, "site", site_key, new_site),
             state=StudyState.RECEIVING,
+            patient_name=obj.patient_name,
             patient_id=obj.patient_id,
             accession_number=obj.accession_number,
             study_date=obj.study_date,

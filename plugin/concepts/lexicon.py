@@ -1108,7 +1108,7 @@ CONCEPTS: tuple[Concept, ...] = (
     ),
     _c("PC0247", "tracheostomy tube", DEV, ["tracheostomy", "trach tube"]),
     _c("PC0248", "sternotomy wires", DEV, ["median sternotomy wires", "sternal wires"]),
-    _c("PC0249", "support devices", DEV, ["lines and tubes", "support device"]),
+    _c("PC0249", "support devices", DEV, ["lines and tubes", "support device"], snomed="49062001"),
     # --- treatments ------------------------------------------------------------------------
     _c(
         "PC0261",

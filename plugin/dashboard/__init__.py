@@ -75,7 +75,26 @@ def make_templates() -> Jinja2Templates:
     env.globals.update(NOT_FOR_DIAGNOSIS=NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL=SYNTHETIC_MODEL)
     env.filters["age"] = age
     env.filters["flag"] = flag
+    env.filters["dicom_date"] = dicom_date
+    env.filters["person_name"] = person_name
     return Jinja2Templates(env=env)
+
+
+def dicom_date(value: str | None) -> str:
+    """A DICOM DA (YYYYMMDD) as 2026-12-01; anything else as it is, none as "-"."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or "-"
+
+
+def person_name(value: str | None) -> str:
+    """A DICOM PN as read: "DOE^JANE^M" as "DOE, JANE M" (its alphabetic group only)."""
+    alphabetic = (value or "").split("=")[0]
+    family, _, rest = alphabetic.partition("^")
+    given = " ".join(part for part in rest.split("^") if part)
+    name = f"{family}, {given}" if family and given else family or given
+    return name.strip() or "-"
 
 
 def flag(priority: str | None) -> str:

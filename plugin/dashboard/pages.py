@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -21,9 +22,12 @@ from plugin.catalog import repository
 from plugin.catalog.worklist import (
     Cursor,
     Order,
+    PatientFacts,
     StoredImage,
     WorklistQuery,
     first_instances,
+    patient_facts,
+    priors,
     site_keys,
     stored_image,
     study_deliveries,
@@ -31,6 +35,7 @@ from plugin.catalog.worklist import (
 )
 from plugin.dashboard import Dashboard, dashboard
 from plugin.dashboard.images import SIZES, ImageUnavailable
+from plugin.dashboard.regions import image_views, present_findings
 from plugin.dashboard.session import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -41,6 +46,7 @@ from plugin.dashboard.session import (
 from plugin.dashboard.sr_tree import content_tree
 from plugin.errors import PacsclipError
 from plugin.study_state import StudyState
+from plugin.viewer_links import viewer_link
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,9 @@ def render(
         {
             "csrf": viewer.csrf if viewer and viewer.csrf else "",
             "model": _active_model(board),
+            "viewer_url": partial(
+                viewer_link, board.settings.viewer_url_template, board.settings.viewer_base_url
+            ),
             **values,
         },
         status_code=status_code,
@@ -260,7 +269,9 @@ def study_page(study_uid: str, request: Request, board: Board, viewer: PageViewe
             )
         results = repository.results_for(session, study_uid)
         deliveries = study_deliveries(session, study_uid)
-    header = _patient_header(board, detail)
+        facts = patient_facts(session, study_uid)
+        patient_priors = priors(session, study_uid)
+    header = _patient_header(board, detail, facts)
     similar, similar_note = _similar(board, study_uid)
     with board.sessions() as session:
         thumbnails = first_instances(
@@ -275,6 +286,10 @@ def study_page(study_uid: str, request: Request, board: Board, viewer: PageViewe
         for r in results
         if r.get("role") == "shadow" and (newest is None or r["generation"] == newest["generation"])
     ]
+    present = present_findings(newest["findings"]) if newest else []
+    source_image = _source_image(detail, newest)
+    uids = {source_image} | {r.sop_instance_uid for f in present for r in f.regions}
+    images = image_views(present, source_image, _image_sizes(board, detail, uids))
     return render(
         board,
         request,
@@ -290,31 +305,73 @@ def study_page(study_uid: str, request: Request, board: Board, viewer: PageViewe
         similar_note=similar_note,
         thumbnails=thumbnails,
         deliveries=deliveries,
-        source_image=_source_image(detail, newest),
+        present=present,
+        images=images,
+        priors=patient_priors,
     )
 
 
-def _patient_header(board: Dashboard, detail: dict[str, Any]) -> dict[str, str]:
-    """Patient name and description from the first instance's header (never logged)."""
+def _patient_header(
+    board: Dashboard, detail: dict[str, Any], facts: PatientFacts | None
+) -> dict[str, str]:
+    """Patient name, ID, accession number, study date and description as the catalog
+    recorded them; a field it lacks (a study recorded before the catalog kept patient names)
+    is read from the first instance's header. Shown on the page, never logged."""
+    recorded = {
+        "patient_name": facts.patient_name if facts else None,
+        "patient_id": facts.patient_id if facts else None,
+        "accession_number": facts.accession_number if facts else None,
+        "study_date": facts.study_date if facts else None,
+        "study_description": facts.study_description if facts else None,
+    }
+    if all(recorded.values()):
+        return {k: str(v) for k, v in recorded.items()}
+    from_file = _header_from_file(board, detail)
+    return {k: str(v or from_file.get(k, "")) for k, v in recorded.items()}
+
+
+HEADER_TAGS: Final = {
+    "patient_name": "PatientName",
+    "patient_id": "PatientID",
+    "accession_number": "AccessionNumber",
+    "study_date": "StudyDate",
+    "study_description": "StudyDescription",
+}
+
+
+def _header_from_file(board: Dashboard, detail: dict[str, Any]) -> dict[str, str]:
     first = next((i for s in detail["series"] for i in s["instances"]), None)
     if first is None:
         return {}
     path = Path(board.settings.spool_dir) / first["path"]
     try:
-        ds = dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=["PatientName", "PatientID", "StudyDescription", "StudyDate"],
-        )
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS.values()))
     except (OSError, InvalidDicomError) as exc:
         logger.warning("dashboard: study header unreadable (%s)", type(exc).__name__)
         return {}
-    return {
-        "patient_name": str(ds.get("PatientName", "")),
-        "patient_id": str(ds.get("PatientID", "")),
-        "study_description": str(ds.get("StudyDescription", "")),
-        "study_date": str(ds.get("StudyDate", "")),
-    }
+    return {key: str(ds.get(keyword, "") or "") for key, keyword in HEADER_TAGS.items()}
+
+
+def _image_sizes(
+    board: Dashboard, detail: dict[str, Any], uids: set[str | None]
+) -> dict[str, tuple[int, int]]:
+    """(Columns, Rows) of the study's received images among ``uids``, from their headers."""
+    sizes = {}
+    for series in detail["series"]:
+        for instance in series["instances"]:
+            uid = instance["sop_instance_uid"]
+            if uid not in uids:
+                continue
+            path = Path(board.settings.spool_dir) / instance["path"]
+            try:
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+                columns, rows = int(ds.Columns), int(ds.Rows)
+            except (OSError, InvalidDicomError, AttributeError, TypeError, ValueError) as exc:
+                logger.warning("dashboard: size of image %s unknown (%s)", uid, type(exc).__name__)
+                continue
+            if columns > 0 and rows > 0:
+                sizes[uid] = (columns, rows)
+    return sizes
 
 
 def _similar(board: Dashboard, study_uid: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -348,11 +405,12 @@ def _sr_tree(board: Dashboard, study_uid: str, newest: dict[str, Any] | None) ->
 
 
 def _source_image(detail: dict[str, Any], newest: dict[str, Any] | None) -> str | None:
-    """The image the newest analysis found most (else the study's first instance)."""
+    """The image of the newest analysis's most probable present finding, else of its most
+    probable finding, else the study's first instance."""
     if newest:
         scored = sorted(
             (f for f in newest["findings"] if f.get("source_sop_instance_uid")),
-            key=lambda f: -float(f.get("probability", 0.0)),
+            key=lambda f: (f.get("decision") != "present", -float(f.get("probability", 0.0))),
         )
         if scored:
             return str(scored[0]["source_sop_instance_uid"])

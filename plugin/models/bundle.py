@@ -199,11 +199,22 @@ class Calibration(_Strict):
     fitted_on: str | None = None
 
 
+class FindingCodeSpec(_Strict):
+    """A finding's standard code (SNOMED CT "SCT", RadLex "RADLEX", ...), as results carry it."""
+
+    value: str = Field(min_length=1, max_length=16)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
 class Finding(_Strict):
     """One finding the triage scores, with its prompt sets and decision thresholds."""
 
     name: FindingName
     display: str = Field(min_length=1)
+    # The finding's code in results; without one, a default for common findings is looked up
+    # by name (plugin/results/finding_codes.py), else pacsclip's local scheme codes it.
+    code: FindingCodeSpec | None = Field(None, exclude_if=lambda value: value is None)
     positive_prompts: list[str] = Field(min_length=1)
     negative_prompts: list[str] = Field(min_length=1)
     templates: list[str] = Field(default_factory=lambda: ["{}"], min_length=1)
@@ -345,6 +356,11 @@ class Manifest(_Strict):
     ood: OodSpec | None = None
     # Optional: only bundles derived by fine-tuning have one.
     lineage: Lineage | None = None
+    # (rows, columns) of the image tower's patch_embeds tokens, row-major; without it a
+    # square grid is derived from the token count (ViTs on square inputs).
+    patch_grid: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = Field(
+        None, exclude_if=lambda value: value is None
+    )
     model_card: ModelCard
 
     @field_validator("format_version")

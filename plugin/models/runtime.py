@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -198,6 +199,26 @@ class ImageEncoder:
         _check_dim(self.path, f"{IMAGE_EMBEDS} size", embeds.shape[1], bundle.embedding_dim)
         self.has_patch_embeddings = PATCH_EMBEDS in outputs
         self._fixed_batch = _fixed(pixels.shape[0])
+
+    def patch_grid(self, count: int) -> tuple[int, int]:
+        """(rows, columns) of ``count`` patch tokens: the manifest's ``patch_grid``, checked
+        against the count, else the square grid the count implies (ViTs on square inputs)."""
+        declared = self.bundle.manifest.patch_grid
+        if declared is not None:
+            rows, cols = declared
+            if rows * cols != count:
+                raise BundleError(
+                    f"{self.bundle.ref}: bundle.json declares a {rows}x{cols} patch grid but "
+                    f"{self.path.name} gives {count} patch tokens"
+                )
+            return rows, cols
+        side = math.isqrt(count)
+        if side < 1 or side * side != count:
+            raise BundleError(
+                f"{self.bundle.ref}: {count} patch tokens do not form a square grid; set "
+                "patch_grid [rows, columns] in bundle.json"
+            )
+        return side, side
 
     def encode(self, batch: npt.ArrayLike, batch_size: int = 16) -> FloatArray:
         """Image embeddings [N, D], L2-normalised."""

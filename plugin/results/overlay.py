@@ -1,7 +1,8 @@
 """Secondary-capture overlay of one analysed image, as a highdicom SCImage.
 
-The image in grey with the saliency heat map blended in a perceptual colour map, and a
-burned-in panel (top left): algorithm name and version, priority, each finding with its
+The image in grey with one finding's saliency heat map blended in a perceptual colour map,
+that finding's regions outlined (when it is present), and a burned-in panel (top left):
+algorithm name and version, priority, which finding the map shows, each finding with its
 probability and decision, the disclaimers, and a colour legend. Pure code: a dataset and
 arrays in, a highdicom object out.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Sequence
 from typing import Final
 
 import highdicom as hd
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from plugin.results.study_result import ResultBuildError, StudyResult
+from plugin.results.study_result import FindingResult, Outline, ResultBuildError, StudyResult
 from plugin.results.uids import person_name_warnings_suppressed, stamp_instance_creation
 
 RGB = tuple[int, int, int]
@@ -38,6 +40,8 @@ HEAT_ALPHA: Final = 0.6
 PANEL_ALPHA: Final = 0.65
 TEXT_RGB: Final[RGB] = (255, 255, 255)
 WARNING_RGB: Final[RGB] = (255, 176, 0)
+# Region outlines and the line naming the mapped finding: cyan, apart from viridis' yellow end.
+OUTLINE_RGB: Final[RGB] = (0, 230, 255)
 # Bitmap-font pixels per panel pixel: one step per this many output pixels on the long side.
 TEXT_SCALE_STEP: Final = 640
 _PAD: Final = 4  # panel pixels around the text, before scaling
@@ -70,6 +74,7 @@ def build_overlay(
     result: StudyResult,
     display_image: npt.NDArray[np.floating],
     *,
+    finding: FindingResult,
     series_uid: str,
     sop_uid: str,
     series_number: int,
@@ -78,13 +83,17 @@ def build_overlay(
 ) -> hd.sc.SCImage:
     """The RGB secondary capture of `source` with `heatmap` and the result burned in.
 
-    `display_image` is the source as the model's preprocessing showed it (grey in [0, 1],
-    MONOCHROME1 already inverted); `heatmap` is in [0, 1]; both at the source's size.
+    `heatmap` is the map of `finding` (one of the result's, present or undetermined: an
+    absent finding gets no overlay); the panel names it, and a present finding's regions
+    are outlined. `display_image` is the source as the model's preprocessing showed it (grey
+    in [0, 1], MONOCHROME1 already inverted); `heatmap` is in [0, 1]; both at the source's size.
     """
     shape = (int(source.Rows), int(source.Columns))
     if np.shape(display_image) != shape:
         raise ResultBuildError(f"display image has shape {np.shape(display_image)}, not {shape}")
-    pixels = render_overlay(display_image, heatmap, result)
+    if finding.decision == "absent":
+        raise ResultBuildError(f"{finding.name!r} is absent: no heat map is shown for it")
+    pixels = render_overlay(display_image, heatmap, result, finding)
     algorithm = result.algorithm
     with person_name_warnings_suppressed():
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -118,15 +127,19 @@ def render_overlay(
     display_image: npt.NDArray[np.floating],
     heatmap: npt.NDArray[np.floating],
     result: StudyResult,
+    finding: FindingResult | None = None,
 ) -> RgbImage:
     """The overlay's pixels [rows, cols, 3] uint8, at the output size (see MAX_SIDE)."""
     grey, heat = _checked(display_image), _checked(heatmap)
     if grey.shape != heat.shape:
         raise ResultBuildError(f"heat map has shape {heat.shape}, display image {grey.shape}")
     out_shape = output_shape(grey.shape[0], grey.shape[1])
+    scale = out_shape[1] / grey.shape[1], out_shape[0] / grey.shape[0]
     grey, heat = _resize(grey, out_shape), _resize(heat, out_shape)
     image = _blend(grey, heat)
-    _burn_in_panel(image, overlay_text_lines(result))
+    if finding is not None:
+        _draw_outlines(image, finding.shown_regions, scale)
+    _burn_in_panel(image, overlay_text_lines(result, finding))
     return image
 
 
@@ -142,13 +155,20 @@ def output_shape(rows: int, cols: int) -> tuple[int, int]:
     return rows, cols
 
 
-def overlay_text_lines(result: StudyResult) -> list[tuple[str, RGB]]:
-    """The burned-in lines with their colours: identity, priority, findings, disclaimers."""
+def overlay_text_lines(
+    result: StudyResult, finding: FindingResult | None = None
+) -> list[tuple[str, RGB]]:
+    """The burned-in lines with their colours: identity, priority, which finding the heat
+    map shows, the findings, disclaimers."""
     algorithm = result.algorithm
     lines: list[tuple[str, RGB]] = [
         (f"{algorithm.name} {algorithm.version}", TEXT_RGB),
         (f"priority: {result.priority.upper()}", TEXT_RGB),
     ]
+    if finding is not None:
+        outlined = ", outlined" if finding.shown_regions else ""
+        what = "undetermined" if finding.decision == "indeterminate" else finding.decision
+        lines.append((f"heat map of: {finding.display} ({what}{outlined})", OUTLINE_RGB))
     lines.extend(
         (f"{f.display}: p={f.probability:.2f} ({f.decision})", TEXT_RGB) for f in result.findings
     )
@@ -226,6 +246,25 @@ def _blend(grey: FloatImage, heat: FloatImage) -> RgbImage:
         mixed = grey_255[hot][:, None] * (np.float32(1.0) - alpha) + colormap(level) * alpha
         rgb[hot] = np.rint(mixed).clip(0, 255).astype(np.uint8)
     return rgb
+
+
+def _draw_outlines(
+    image: RgbImage, outlines: Sequence[Outline], scale: tuple[float, float]
+) -> None:
+    """Draw each region's outline onto `image` in place, in the outline colour.
+
+    `scale` is output pixels per source pixel (columns, rows); outlines are in the source's
+    DICOM image coordinates, which Pillow's drawing shares (0, 0 at a pixel's corner).
+    """
+    if not outlines:
+        return
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, max(image.shape[:2]) // 400)
+    for outline in outlines:
+        points = [(c * scale[0], r * scale[1]) for c, r in outline]
+        draw.line(points, fill=OUTLINE_RGB, width=width, joint="curve")
+    image[...] = np.asarray(canvas)
 
 
 def _burn_in_panel(image: RgbImage, lines: list[tuple[str, RGB]]) -> None:

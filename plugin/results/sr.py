@@ -4,17 +4,21 @@ Tree (template ids in brackets):
 
     Imaging Measurement Report [1500]
       observer context: the algorithm as a device; procedure reported
-      Imaging Measurements
-        Measurement Group [1501, or 1410 where the finding has a region], one per finding:
-          tracking identifier + UID, finding type, algorithm identification (+ threshold),
-          Probability (NUM), the finding's concept = Present | Absent | Undetermined (CODE),
-          source image, or the region as a closed SCOORD POLYLINE selected from it
-      Qualitative Evaluations: Priority = STAT | ROUTINE, disclaimers and notes (TEXT)
+      Imaging Measurements (only when a present finding has a region)
+        Measurement Group [1410], one per present finding with a region:
+          tracking identifier (OHIF's freehand-ROI prefix + the finding's name) + UID, finding
+          type, algorithm identification (threshold, what scored it), the region as a closed
+          SCOORD POLYLINE selected from the source image, Probability (NUM, with the region
+          again as what it was inferred from), Finding = Present (CODE), a Comment naming it
+      Qualitative Evaluations: Priority = STAT | ROUTINE | Not scored; every other finding
+        as CODE finding = Present | Absent | Undetermined and a TEXT with its probability and
+        how it was scored; disclaimers and notes (TEXT)
 
-A study out of the model's distribution (plugin.triage.ood) has no finding groups: its one
-measurement group is the distribution check (distance NUM, Model applicability = Out of
-distribution), and its report-level evaluations say Priority = Not scored and, as text,
-"Out of distribution for model X version Y ...".
+Every measurement group has image coordinates: OHIF, the open viewer most sites try first,
+draws none of a report's groups when one lacks them. A study out of the model's distribution
+(plugin.triage.ood) has no findings and no groups; its evaluations say Priority = Not scored,
+Model applicability = Out of distribution and, as text, "Out of distribution for model X
+version Y ..." with the distance and threshold.
 
 Pure code: datasets and dataclasses in, a highdicom object out.
 """
@@ -38,8 +42,8 @@ from plugin.results.source_header import with_type2_present
 from plugin.results.study_result import (
     AlgorithmIdentity,
     Decision,
-    DistributionCheck,
     FindingResult,
+    Outline,
     Priority,
     ResultBuildError,
     StudyResult,
@@ -82,8 +86,6 @@ PRIORITY_CODES: Final[Mapping[Priority, Code]] = MappingProxyType(
 
 # The out-of-distribution check, in pacsclip's scheme: no standard code says "this input is
 # unlike the model's training data". The check is a group of its own, never a finding.
-DISTRIBUTION_CHECK: Final = Code("OODCHECK", LOCAL_SCHEME, "Input distribution check")
-DISTRIBUTION_DISTANCE: Final = Code("OODDIST", LOCAL_SCHEME, "Out-of-distribution distance")
 MODEL_APPLICABILITY: Final = Code("APPLICABILITY", LOCAL_SCHEME, "Model applicability")
 APPLICABILITY_CODES: Final[Mapping[bool, Code]] = MappingProxyType(
     {
@@ -91,7 +93,10 @@ APPLICABILITY_CODES: Final[Mapping[bool, Code]] = MappingProxyType(
         False: Code("OUT OF DIST", LOCAL_SCHEME, "Out of distribution"),
     }
 )
-DISTRIBUTION_TRACKING_ID: Final = "out-of-distribution check"
+# OHIF (through cornerstone3D's SR adapter) recognises a polyline of more than five points as a
+# measurement only when the Tracking Identifier names its freehand ROI tool; other viewers show
+# the identifier as text, and the finding's name follows the prefix.
+FREEHAND_ROI_PREFIX: Final = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:"
 
 # TID 1500 row 12: report-level Qualitative Evaluations container.
 QUALITATIVE_EVALUATIONS: Final = Code("C0034375", "UMLS", "Qualitative Evaluations")
@@ -137,18 +142,33 @@ def build_measurement_report(
     study_uid = str(source_datasets[0].StudyInstanceUID)
     if predecessor is not None and predecessor.StudyInstanceUID != study_uid:
         raise ResultBuildError("the predecessor SR belongs to another study")
+    for finding in result.findings:
+        if finding.source_sop_instance_uid not in sources:
+            raise ResultBuildError(
+                f"finding {finding.name!r} refers to an instance not in the sources"
+            )
+    # Only a present finding with a region is a measurement group: viewers that draw TID 1500
+    # (OHIF) expect image coordinates in every group and show nothing when one lacks them.
+    # Every other finding, and the distribution check, is a report-level evaluation.
     groups = [
-        _finding_group(finding, sources, result.algorithm, study_uid) for finding in result.findings
+        _finding_group(
+            finding, sources[finding.source_sop_instance_uid], result.algorithm, study_uid
+        )
+        for finding in result.findings
+        if finding.shown_regions
     ]
-    if result.distribution is not None and not result.distribution.scored:
-        groups = [
-            _distribution_group(result.distribution, source_datasets, result.algorithm, study_uid)
-        ]
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result.algorithm),
         procedure_reported=_procedures_reported(source_datasets[0]),
-        imaging_measurements=groups,
+        imaging_measurements=groups or [_placeholder_group(source_datasets[0])],
     )
+    if not groups:
+        # TID 1500 needs Imaging Measurements (row 6) or Qualitative Evaluations (row 12);
+        # highdicom always writes row 6 with a group, so its placeholder is taken out again.
+        root = report[0].ContentSequence
+        report[0].ContentSequence = hd.sr.ContentSequence(
+            [item for item in root if item.ConceptNameCodeSequence[0].CodeValue != "126010"]
+        )
     # highdicom's MeasurementReport has no parameter for TID 1500's report-level evaluations.
     report[0].ContentSequence.append(_report_evaluations(result))
     with person_name_warnings_suppressed():
@@ -235,44 +255,49 @@ def _procedures_reported(source: Dataset) -> list[Code]:
 
 def _finding_group(
     finding: FindingResult,
-    sources: Mapping[str, Dataset],
+    source: Dataset,
     algorithm: AlgorithmIdentity,
     study_uid: str,
-) -> (
-    hd.sr.MeasurementsAndQualitativeEvaluations
-    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-):
-    source = sources.get(finding.source_sop_instance_uid)
-    if source is None:
-        raise ResultBuildError(f"finding {finding.name!r} refers to an instance not in the sources")
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A present finding with a region: a TID 1410 group a viewer draws and labels."""
     tracking = hd.sr.TrackingIdentifier(
-        uid=tracking_uid(study_uid, algorithm, finding.name), identifier=finding.name
-    )
-    # The threshold travels as an algorithm parameter: it is how the decision was made.
-    algorithm_id = hd.sr.AlgorithmIdentification(
-        name=algorithm.name,
-        version=algorithm.version,
-        parameters=[f"decision threshold {finding.threshold:.4g}"],
-        manufacturer=algorithm.manufacturer,
+        uid=tracking_uid(study_uid, algorithm, finding.name),
+        identifier=f"{FREEHAND_ROI_PREFIX}{finding.name}",
     )
     concept = finding_concept(finding)
+    # The hottest region goes in (TID 1410 holds one); the SEG and the overlay show all.
+    region = _image_region(finding.name, finding.shown_regions[0], source)
     probability = hd.sr.Measurement(name=PROBABILITY, value=finding.probability, unit=NO_UNITS)
-    decision = hd.sr.QualitativeEvaluation(name=concept, value=DECISION_CODES[finding.decision])
-    if finding.region is not None:
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=_image_region(finding.name, finding.region, source),
-            finding_type=concept,
-            algorithm_id=algorithm_id,
-            measurements=[probability],
-            qualitative_evaluations=[decision],
-        )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
+        referenced_region=region,
         finding_type=concept,
-        algorithm_id=algorithm_id,
+        algorithm_id=_algorithm_id(algorithm, finding),
         measurements=[probability],
-        qualitative_evaluations=[decision],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=concept, value=DECISION_CODES[finding.decision])
+        ],
+    )
+    # The title viewers give the measurement (OHIF takes a group's Comment).
+    group[0].ContentSequence.append(_comment(_finding_line(finding)))
+    # The region again under the NUM, as what it was inferred from: OHIF's measurement panel
+    # looks for a measurement's coordinates there, not at the group level. TID 1419 is
+    # extensible; highdicom's builder has no parameter for it in a TID 1410 group.
+    [number] = [item for item in group[0].ContentSequence if item.ValueType == "NUM"]
+    inferred_from = hd.sr.CoordinatesForMeasurement(
+        graphic_type=region.GraphicType,
+        graphic_data=np.asarray(region.GraphicData, dtype=np.float64).reshape(-1, 2),
+        source_image=_region_source(source),
+    )
+    number.ContentSequence = hd.sr.ContentSequence(
+        [*number.get("ContentSequence", []), inferred_from]
+    )
+    return group
+
+
+def _placeholder_group(source: Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="placeholder"),
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=source.SOPClassUID,
@@ -282,67 +307,48 @@ def _finding_group(
     )
 
 
-def _distribution_group(
-    check: DistributionCheck,
-    sources: Sequence[Dataset],
-    algorithm: AlgorithmIdentity,
-    study_uid: str,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The group of a study out of distribution: how far it lies, and that the model does not
-    apply to it; no finding type of the model appears."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(study_uid, algorithm, DISTRIBUTION_TRACKING_ID),
-            identifier=DISTRIBUTION_TRACKING_ID,
-        ),
-        finding_type=DISTRIBUTION_CHECK,
-        algorithm_id=hd.sr.AlgorithmIdentification(
-            name=algorithm.name,
-            version=algorithm.version,
-            parameters=[f"{check.method} distance threshold {check.threshold:.4g}"],
-            manufacturer=algorithm.manufacturer,
-        ),
-        measurements=[
-            hd.sr.Measurement(name=DISTRIBUTION_DISTANCE, value=check.distance, unit=NO_UNITS)
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(
-                name=MODEL_APPLICABILITY, value=APPLICABILITY_CODES[check.scored]
-            )
-        ],
-        source_images=[
-            hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=ds.SOPClassUID,
-                referenced_sop_instance_uid=ds.SOPInstanceUID,
-            )
-            for ds in sources
-        ],
+def _algorithm_id(
+    algorithm: AlgorithmIdentity, finding: FindingResult
+) -> hd.sr.AlgorithmIdentification:
+    # The threshold and what produced the score travel as algorithm parameters: they are
+    # how the decision was made.
+    parameters = [f"decision threshold {finding.threshold:.4g}"]
+    if finding.scored_by:
+        parameters.append(f"scored by {finding.scored_by}")
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=parameters,
+        manufacturer=algorithm.manufacturer,
     )
 
 
-def _image_region(
-    name: str, region: tuple[int, int, int, int], source: Dataset
-) -> hd.sr.ImageRegion:
-    """A finding's box as a closed POLYLINE around the pixels' outer edges.
+def _finding_line(finding: FindingResult) -> str:
+    decision = "undetermined" if finding.decision == "indeterminate" else finding.decision
+    return (
+        f"{finding.display}: probability {finding.probability:.2f} ({decision}, decision "
+        f"threshold {finding.threshold:.2f})"
+    )
 
-    DICOM image coordinates are (column, row) with (0, 0) at the top-left corner of the
-    top-left pixel, so an inclusive box of pixel indices ends one past its last pixel.
-    """
-    row_min, col_min, row_max, col_max = region
-    if row_max >= int(source.Rows) or col_max >= int(source.Columns):
+
+def _image_region(name: str, outline: Outline, source: Dataset) -> hd.sr.ImageRegion:
+    """A finding's region as a closed POLYLINE in DICOM image coordinates: (column, row),
+    (0, 0) at the top-left corner of the top-left pixel, so the far edge is Columns/Rows."""
+    points = np.asarray(outline, dtype=np.float64)
+    if points[:, 0].max() > int(source.Columns) or points[:, 1].max() > int(source.Rows):
         raise ResultBuildError(f"region of {name!r} lies outside its source image")
-    left, top, right, bottom = col_min, row_min, col_max + 1, row_max + 1
-    outline = np.array(
-        [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]],
-        dtype=np.float64,
-    )
+    # Hundredths of a pixel: the SR stays small and a rebuild gives identical bytes.
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=outline,
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=source.SOPClassUID,
-            referenced_sop_instance_uid=source.SOPInstanceUID,
-        ),
+        graphic_data=np.round(points, 2),
+        source_image=_region_source(source),
+    )
+
+
+def _region_source(source: Dataset) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
     )
 
 
@@ -350,13 +356,16 @@ def _report_evaluations(result: StudyResult) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    items: list[hd.sr.ContentItem] = [
-        hd.sr.CodeContentItem(
-            name=PRIORITY,
-            value=PRIORITY_CODES[result.priority],
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        )
-    ]
+    items: list[hd.sr.ContentItem] = [_code(PRIORITY, PRIORITY_CODES[result.priority])]
+    check = result.distribution
+    if check is not None and not check.scored:
+        items.append(_code(MODEL_APPLICABILITY, APPLICABILITY_CODES[False]))
+    # Findings without a region: each decision coded, its probability and how it was made
+    # in words (the template's evaluations are codes and text).
+    for finding in result.findings:
+        if not finding.shown_regions:
+            items.append(_code(finding_concept(finding), DECISION_CODES[finding.decision]))
+            items.append(_comment(_finding_line(finding) + _scored_by(finding)))
     items.extend(_comment(line) for line in _report_notes(result))
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
@@ -367,11 +376,26 @@ def _report_notes(result: StudyResult) -> list[str]:
     if result.distribution is not None and result.distribution.images_outside:
         notes.append(result.distribution.statement(result.algorithm))
     notes.append(f"Algorithm: {result.algorithm.name} {result.algorithm.version}")
+    notes.extend(
+        f"No region computed for {f.display}: {f.region_note}"
+        for f in result.findings
+        if f.decision == "present" and not f.shown_regions and f.region_note
+    )
     if result.triggered_by:
         notes.append(f"Priority {result.priority.upper()} set by: {', '.join(result.triggered_by)}")
     if result.similar_summary:
         notes.append(f"Similar cases: {result.similar_summary}")
     return notes
+
+
+def _code(name: hd.sr.CodedConcept | Code, value: Code) -> hd.sr.CodeContentItem:
+    return hd.sr.CodeContentItem(
+        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _scored_by(finding: FindingResult) -> str:
+    return f"; scored by {finding.scored_by}" if finding.scored_by else ""
 
 
 def _comment(text: str) -> hd.sr.TextContentItem:

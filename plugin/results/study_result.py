@@ -72,13 +72,19 @@ class AlgorithmIdentity:
         return text[:_LO_MAX]
 
 
+Point = tuple[float, float]
+Outline = tuple[Point, ...]
+
+
 @dataclass(frozen=True)
 class FindingResult:
-    """One finding of one study: calibrated probability, thresholded decision, optional box.
+    """One finding of one study: calibrated probability, thresholded decision, its regions.
 
-    `region` is (row_min, col_min, row_max, col_max) in pixel indices of the source image,
-    inclusive at both ends (as `plugin.triage.Region`). `code` is None for a finding the
-    bundle gives no standard code; the SR then codes it in pacsclip's private scheme.
+    `outlines` are closed polylines of (column, row) points in DICOM image coordinates of
+    the source image ((0, 0) the top-left corner of the top-left pixel), hottest region
+    first; results draw them only for a present finding. `code` is None for a finding with
+    no standard code; the SR then codes it in pacsclip's private scheme. `scored_by` says
+    what produced the score (zero-shot prompts, a head, a site head, the calibration).
     """
 
     name: str
@@ -87,8 +93,11 @@ class FindingResult:
     probability: float
     decision: Decision
     threshold: float
-    region: tuple[int, int, int, int] | None
     source_sop_instance_uid: str
+    outlines: Sequence[Outline] = ()
+    scored_by: str | None = None
+    # Why a present finding has no region ("localisation off", "multi-frame image", ...).
+    region_note: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -98,10 +107,26 @@ class FindingResult:
                 raise ResultBuildError(f"{label} of {self.name!r} must be in [0, 1], got {value}")
         if self.decision not in DECISIONS:
             raise ResultBuildError(f"decision of {self.name!r} must be one of {DECISIONS}")
-        if self.region is not None:
-            row_min, col_min, row_max, col_max = self.region
-            if min(self.region) < 0 or row_min > row_max or col_min > col_max:
-                raise ResultBuildError(f"region of {self.name!r} is not a box: {self.region}")
+        outlines = tuple(tuple((float(c), float(r)) for c, r in o) for o in self.outlines)
+        object.__setattr__(self, "outlines", outlines)
+        for outline in outlines:
+            closed = len(outline) >= 4 and outline[0] == outline[-1]
+            if not closed or not all(math.isfinite(v) and v >= 0 for p in outline for v in p):
+                raise ResultBuildError(
+                    f"an outline of {self.name!r} is not a closed polyline of at least three "
+                    "points with finite, non-negative coordinates"
+                )
+
+    @property
+    def shown_regions(self) -> tuple[Outline, ...]:
+        """The outlines results draw: a present finding's only, never an absent one's."""
+        return tuple(self.outlines) if self.decision == "present" else ()
+
+
+def box_outline(row_min: int, col_min: int, row_max: int, col_max: int) -> Outline:
+    """The closed outline of a box of pixel indices (inclusive) along its pixels' edges."""
+    left, top, right, bottom = float(col_min), float(row_min), col_max + 1.0, row_max + 1.0
+    return ((left, top), (right, top), (right, bottom), (left, bottom), (left, top))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,10 @@ from pydicom.valuerep import DA, DT, TM
 
 from plugin.results.study_result import AlgorithmIdentity
 
-ResultRole = Literal["sr-series", "sr-instance", "sc-series", "sc-instance", "tracking", "device"]
+ResultRole = Literal[
+    "sr-series", "sr-instance", "sc-series", "sc-instance", "seg-series", "seg-instance",
+    "tracking", "device",
+]  # fmt: skip
 
 # Fixed namespace of every pacsclip result UID; changing it would change every UID ever issued.
 _NAMESPACE: Final = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pacsclip:results")
@@ -87,6 +90,14 @@ class ResultUids:
     def sc_instance(self, n: int) -> UID:
         """The overlay of the `n`-th analysed image (0-based, in the worker's order)."""
         return self._uid("sc-instance", n)
+
+    @property
+    def seg_series(self) -> UID:
+        return self._uid("seg-series")
+
+    def seg_instance(self, n: int) -> UID:
+        """The SEG of the `n`-th image with regions (0-based, in the worker's order)."""
+        return self._uid("seg-instance", n)
 
 
 def tracking_uid(study_uid: str, algorithm: AlgorithmIdentity, finding_name: str) -> UID:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import contourpy  # matplotlib's contour tracer: no dependency of its own
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage  # type: ignore[import-untyped]
@@ -154,6 +155,124 @@ def region(heat_map: npt.ArrayLike, level: float = 0.5) -> Region | None:
     labels, _ = ndimage.label(array >= level * value, structure=np.ones((3, 3)))
     rows, cols = np.nonzero(labels == labels[row, col])
     return Region(int(rows.min()), int(cols.min()), int(rows.max()), int(cols.max()))
+
+
+@dataclass(frozen=True)
+class Outline:
+    """One region of a heat map: a closed polyline in DICOM image coordinates.
+
+    `points` [K, 2] are (column, row) pairs along the region's pixel edges, (0, 0) being the
+    top-left corner of the top-left pixel; the first point is repeated at the end. `peak` is
+    the highest map value inside; `area` the region's pixels, in source pixels.
+    """
+
+    points: npt.NDArray[np.float64]
+    peak: float
+    area: float
+
+    def box(self) -> tuple[int, int, int, int]:
+        """(row_min, col_min, row_max, col_max) of the pixels the outline encloses."""
+        cols, rows = self.points[:, 0], self.points[:, 1]
+        return (
+            int(np.floor(rows.min())),
+            int(np.floor(cols.min())),
+            max(int(np.ceil(rows.max())) - 1, int(np.floor(rows.min()))),
+            max(int(np.ceil(cols.max())) - 1, int(np.floor(cols.min()))),
+        )
+
+    def as_list(self) -> list[list[float]]:
+        return [[round(float(c), 2), round(float(r), 2)] for c, r in self.points]
+
+
+# Outlines are traced on a grid of at most this many cells per side: the maps come from a
+# 224-pixel occlusion pass or a 14-16-patch grid, so finer tracing only adds points.
+OUTLINE_GRID = 256
+# Regions smaller than this share of the image are specks, and at most MAX_OUTLINES are kept.
+MIN_REGION_FRACTION = 0.002
+MAX_OUTLINES = 3
+
+
+def outlines(
+    heat_map: npt.ArrayLike,
+    level: float = 0.5,
+    *,
+    max_regions: int = MAX_OUTLINES,
+    min_fraction: float = MIN_REGION_FRACTION,
+) -> list[Outline]:
+    """The regions where the map is at least `level` of its peak, as closed outlines.
+
+    Holes inside a region are filled, regions under `min_fraction` of the image are dropped,
+    and at most `max_regions` are kept, hottest first (the peak's own region always leads).
+    Empty when the map has no positive value: nothing is outlined rather than an empty shape.
+    """
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"level must be in (0, 1], got {level}")
+    array = _as_map(heat_map)
+    top = float(array.max())
+    if top <= 0:
+        return []
+    working, scale = _grid_for_outlines(array)
+    mask = ndimage.binary_fill_holes(working >= level * top)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(mask, labels, index)
+    peaks = ndimage.maximum(working, labels, index)
+    order = np.argsort(-np.asarray(peaks), kind="stable")
+    min_cells = min_fraction * working.size
+    kept: list[Outline] = []
+    for position in order:
+        if len(kept) == max_regions:
+            break
+        if sizes[position] < min_cells and kept:
+            continue
+        points = _trace(labels == index[position]) * np.array([scale[1], scale[0]])
+        area = float(sizes[position]) * scale[0] * scale[1]
+        kept.append(Outline(points=points, peak=float(peaks[position]), area=area))
+    return kept
+
+
+def _grid_for_outlines(
+    array: npt.NDArray[np.float64] | npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.float32], tuple[float, float]]:
+    """The map on a grid of at most OUTLINE_GRID per side, and source pixels per cell."""
+    rows, cols = array.shape
+    factor = max(rows, cols) / OUTLINE_GRID
+    if factor <= 1:
+        return np.asarray(array, dtype=np.float32), (1.0, 1.0)
+    shape = (max(1, round(rows / factor)), max(1, round(cols / factor)))
+    return resize_bilinear(array, shape), (rows / shape[0], cols / shape[1])
+
+
+def _trace(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+    """The outer boundary of one connected region along its cells' edges, closed, as
+    (column, row) in cell units; collinear points dropped."""
+    padded = np.pad(mask.astype(np.float64), 1)
+    generator = contourpy.contour_generator(
+        z=padded, line_type=contourpy.LineType.Separate, corner_mask=False
+    )
+    lines = generator.lines(0.5)
+    # The longest line is the outer boundary; holes were filled, so it is usually the only one.
+    line = np.asarray(max(lines, key=lambda points: len(points)), dtype=np.float64)
+    # Cell centres sit at index + 0.5 in image coordinates; the pad shifted indices by one.
+    points = line - 1.0 + 0.5
+    # The 0.5 level between a cell and its neighbour lies on their shared edge, except at
+    # corners, where it cuts diagonally: close enough at the grid's resolution.
+    points = _without_collinear(points)
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points
+
+
+def _without_collinear(points: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    if len(points) < 4:
+        return points
+    before, after = points[1:-1] - points[:-2], points[2:] - points[1:-1]
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    keep = np.concatenate([[True], np.abs(cross) > 1e-9, [True]])
+    kept: npt.NDArray[np.float64] = points[keep]
+    return kept
 
 
 def resize_bilinear(array: npt.ArrayLike, out_shape: tuple[int, int]) -> Map:

@@ -2,7 +2,12 @@
 
 Run from the repository root with the project's virtualenv:
 
-    python tests/benchmarks/inference.py [--seconds 3] [--threads 2] [--json]
+    python tests/benchmarks/inference.py [--seconds 3] [--threads 2] [--model demo|vit-b16|all]
+                                         [--json]
+
+``--model vit-b16`` (in ``all``, the default) adds a tower of real size: a ViT-B/16 CLIP as
+large as BiomedCLIP's image tower, fp32 and int8, with and without patch-token maps
+(``tests/benchmarks/inference_vit.py`` says exactly what it runs).
 
 The tower is the demo bundle's architecture (``plugin.demo.train.ImageTower``, 128x128x1 in,
 128-d out). The bundle keeps only the ONNX export, not the trained torch weights, so the tower
@@ -46,6 +51,8 @@ from numpy.typing import NDArray
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from tests.benchmarks import inference_vit  # noqa: E402  (needs the root on sys.path)
 
 TORCH, TORCH_PASSIVE = "pytorch-eager", "pytorch-eager-passive"
 ORT_FP32, ORT_INT8 = "onnxruntime-fp32", "onnxruntime-int8"
@@ -190,12 +197,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per batch size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--model", choices=("demo", "vit-b16", "all"), default="all")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--vit-child", choices=("fp32", "int8"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         return child(args.child, args.workdir, args.threads, args.seconds)
+    if args.vit_child is not None:
+        return inference_vit.child(args.vit_child, args.workdir, args.threads, args.seconds)
+    if args.model in ("demo", "all"):
+        demo(args)
+    if args.model in ("vit-b16", "all"):
+        with tempfile.TemporaryDirectory(prefix="pacsclip-bench-vit-") as tmp:
+            vit = inference_vit.run(Path(tmp), args.threads, args.seconds)
+        if args.json:
+            print(json.dumps({"threads": args.threads, "vit_b16": [asdict(r) for r in vit]}))
+        else:
+            print(inference_vit.format_table(vit, args.threads))
+    return 0
 
+
+def demo(args: argparse.Namespace) -> None:
+    """The demo tower in PyTorch eager, onnxruntime fp32 and int8."""
     with tempfile.TemporaryDirectory(prefix="pacsclip-bench-") as tmp:
         workdir = Path(tmp)
         prepare(workdir)
@@ -214,7 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         print(format_table(results, parities, args.threads))
-    return 0
 
 
 # --------------------------------------------------------------------------- child

@@ -113,6 +113,9 @@ def worker_env(settings: Settings, bundle: Path | None) -> dict[str, str]:
         PACSCLIP_DISPATCH_BACKOFF_S=str(settings.dispatch_backoff_s),
         PACSCLIP_TASK_VISIBILITY_TIMEOUT_S=str(settings.task_visibility_timeout_s),
         PACSCLIP_DISPATCH_BACKOFF_MAX_S=str(settings.dispatch_backoff_max_s),
+        PACSCLIP_OOD_GUARD=str(settings.ood_guard).lower(),
+        PACSCLIP_RESULT_REGIONS=str(settings.result_regions).lower(),
+        PACSCLIP_RESULT_SEG=str(settings.result_seg).lower(),
     )
     if settings.webhook_url:
         env["PACSCLIP_WEBHOOK_URL"] = settings.webhook_url

@@ -1,7 +1,9 @@
 """The dashboard in a real browser (headless Debian Chromium driven by Selenium) against a
-running ``pacsclip serve``: log in, watch a study DCMTK storescu sends appear with its flag,
-open it and see its images load, open a similar case, retry a dead letter and test a file
-against the routing rules. A PatientName of ``<script>alert(1)</script>`` stays text."""
+running ``pacsclip serve``: log in, watch a study DCMTK storescu sends appear with its flag
+and patient fields, open it and see its images load with a finding's region drawn on the
+source image where it lies, its prior and its viewer link, open a similar case, retry a dead
+letter and test a file against the routing rules. A PatientName of
+``<script>alert(1)</script>`` stays text."""
 
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from typing import Any
 
 import pydicom
 import pytest
+from sqlalchemy import select
 
+from plugin.catalog.db import open_catalog
+from plugin.catalog.models import Analysis, Study
 from tests.integration.test_serve import PACSCLIP, TOKEN, get, serve_env, wait_until
 from tests.peers.browser import browser_installed, chromium
 from tests.peers.data import ct_small_copies
@@ -24,6 +29,9 @@ from tests.peers.dcmtk import echoscu, storescu
 from tests.peers.ports import free_port
 
 HOSTILE = "<script>alert(1)</script>"
+VIEWER = "http://viewer.invalid/ohif"
+# A region of a present finding in the source's pixel coordinates (CT_small: 128 x 128).
+SQUARE = [[32.0, 16.0], [96.0, 16.0], [96.0, 64.0], [32.0, 64.0], [32.0, 16.0]]
 RULES = """\
 version: 1
 rules:
@@ -47,8 +55,16 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 class Served:
-    def __init__(self, process: subprocess.Popen[bytes], api: str, dicom_port: int, log: Path):
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        api: str,
+        dicom_port: int,
+        log: Path,
+        data_dir: Path,
+    ):
         self.process, self.api, self.dicom_port, self.log = process, api, dicom_port, log
+        self.data_dir = data_dir
 
 
 @pytest.fixture
@@ -60,6 +76,7 @@ def served(tmp_path: Path, bundle_dir: Path) -> Iterator[Served]:
     rules.write_text(RULES)
     env = serve_env(tmp_path / "data", dicom_port, api_port, bundle_dir)
     env.update(
+        PACSCLIP_VIEWER_BASE_URL=VIEWER,
         PACSCLIP_RULES_FILE=str(rules),
         PACSCLIP_DESTINATIONS=json.dumps(
             [{"name": "pacs", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": dead_port}]
@@ -81,7 +98,7 @@ def served(tmp_path: Path, bundle_dir: Path) -> Iterator[Served]:
             wait_until(lambda: get(f"{api}/api/health", None)[0] == 200, 30, "no API health")
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}; serve log:\n{log.read_text()[-4000:]}") from exc
-        yield Served(process, api, dicom_port, log)
+        yield Served(process, api, dicom_port, log, tmp_path / "data")
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -101,14 +118,36 @@ def browser() -> Iterator[WebDriver]:
         driver.quit()
 
 
-def hostile_copy(out_dir: Path) -> Path:
+def hostile_copy(out_dir: Path, accession: str, study_date: str) -> Path:
     """A CT_small copy (new UIDs) whose PatientName and StudyDescription are markup."""
     [path] = ct_small_copies(1, out_dir)
     ds = pydicom.dcmread(path)
     ds.PatientName = HOSTILE
     ds.StudyDescription = HOSTILE
+    ds.AccessionNumber, ds.StudyDate = accession, study_date
     ds.save_as(path)
     return path
+
+
+def draw_a_region(data_dir: Path, study_uid: str, sop_instance_uid: str) -> None:
+    """Make the newest analysis's first finding present with SQUARE as its region, as the
+    analysis stores regions (whatever the demo model found in CT_small)."""
+    catalog = open_catalog(f"sqlite:///{(data_dir / 'catalog.sqlite3').resolve()}")
+    try:
+        with catalog.sessions.begin() as session:
+            analysis = session.scalars(
+                select(Analysis)
+                .join(Study, Study.id == Analysis.study_id)
+                .where(Study.study_instance_uid == study_uid, Analysis.role == "live")
+                .order_by(Analysis.id.desc())
+            ).first()
+            assert analysis is not None and analysis.findings
+            first, *rest = analysis.findings
+            region = {"sop_instance_uid": sop_instance_uid, "contour": SQUARE}
+            first = {**first, "decision": "present", "probability": 0.87, "regions": [region]}
+            analysis.findings = [first, *rest]
+    finally:
+        catalog.engine.dispose()
 
 
 def study_json(api: str, uid: str) -> dict[str, Any] | None:
@@ -149,8 +188,8 @@ def test_dashboard_in_a_browser(served: Served, browser: WebDriver, tmp_path: Pa
     wait.until(lambda d: d.find_elements(By.ID, "worklist-rows"))
 
     # Two studies of one patient: each is the other's prior (a similar case).
-    source = hostile_copy(tmp_path / "first")
-    prior = hostile_copy(tmp_path / "prior")
+    source = hostile_copy(tmp_path / "first", "ACC-BROWSER-2", "20261204")
+    prior = hostile_copy(tmp_path / "prior", "ACC-BROWSER-1", "20251104")
     study_uid = str(pydicom.dcmread(source).StudyInstanceUID)
     prior_uid = str(pydicom.dcmread(prior).StudyInstanceUID)
     for path in (prior, source):
@@ -170,12 +209,24 @@ def test_dashboard_in_a_browser(served: Served, browser: WebDriver, tmp_path: Pa
     )
     row = browser.find_element(By.CSS_SELECTOR, row_css)
     assert row.find_element(By.CSS_SELECTOR, ".study-link").text == HOSTILE  # text, not markup
+    assert row.find_element(By.CSS_SELECTOR, ".patient-name").text == HOSTILE
+    assert row.find_element(By.CSS_SELECTOR, ".patient-id").text == "ID 1CT1"
+    assert row.find_element(By.CSS_SELECTOR, ".accession").text == "ACC-BROWSER-2"
+    assert row.find_element(By.CSS_SELECTOR, ".study-date").text == "2026-12-04"
     assert no_alert(browser)
 
-    # The study: source image and every overlay the analysis made load in the browser.
+    # The study: source image and every overlay the analysis made load in the browser, the
+    # finding's region is drawn where it lies on the source image.
+    source_uid = str(pydicom.dcmread(source).SOPInstanceUID)
+    draw_a_region(served.data_dir, study_uid, source_uid)
     row.find_element(By.CSS_SELECTOR, ".study-link").click()
     wait.until(lambda d: d.find_elements(By.ID, "source-image"))
     assert browser.find_element(By.ID, "patient-name").text == HOSTILE
+    assert browser.find_element(By.ID, "patient-id").text == "1CT1"
+    assert browser.find_element(By.ID, "accession-number").text == "ACC-BROWSER-2"
+    assert browser.find_element(By.ID, "study-date").text == "2026-12-04"
+    link = browser.find_element(By.ID, "viewer-link").get_attribute("href")
+    assert link == f"{VIEWER}/viewer?StudyInstanceUIDs={study_uid}"
     assert no_alert(browser)
     [result] = detail["results"]
     algorithm = f"{result['algorithm']['name']} {result['algorithm']['version']}"
@@ -185,6 +236,22 @@ def test_dashboard_in_a_browser(served: Served, browser: WebDriver, tmp_path: Pa
     images += browser.find_elements(By.CSS_SELECTOR, ".overlay-image")
     assert len(images) == 1 + len(overlays)
     wait.until(lambda d: all(image_loaded(d, image) for image in images))
+    [polygon] = browser.find_elements(By.CSS_SELECTOR, "svg.regions polygon")
+    assert polygon.get_attribute("points") == "32,16 96,16 96,64 32,64 32,16"
+    label = browser.find_element(By.CSS_SELECTOR, "svg.regions text").text
+    assert label.endswith(" 0.87")
+    # Drawn over the image, scaled with it: x 32..96 and y 16..64 of 128 pixels.
+    image_box, shape = browser.execute_script(
+        "const r = e => e.getBoundingClientRect();"
+        "return [r(arguments[0]), r(arguments[1])].map(b => [b.left, b.top, b.width, b.height]);",
+        images[0],
+        polygon,
+    )
+    scale_x, scale_y = image_box[2] / 128, image_box[3] / 128
+    expected = [32 * scale_x, 16 * scale_y, 64 * scale_x, 48 * scale_y]
+    placed = [shape[0] - image_box[0], shape[1] - image_box[1], shape[2], shape[3]]
+    assert all(abs(a - b) <= 2 for a, b in zip(placed, expected, strict=True)), (placed, expected)
+    assert browser.find_elements(By.CSS_SELECTOR, f'#priors tr.prior[data-study="{prior_uid}"]')
 
     # A similar case: the patient's prior, with a thumbnail that loads; open it.
     case = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "a.similar-case.prior"))[0]

@@ -16,6 +16,13 @@ from tests.peers.dcmtk import dcmtk_env, stop_process
 from tests.peers.ports import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+# Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS under /dicom-web/ (a web viewer's API).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_ROOT = "/dicom-web/"
+
+
+def dicomweb_installed() -> bool:
+    return DICOMWEB_PLUGIN.is_file()
 
 
 class OrthancError(RuntimeError):
@@ -26,6 +33,7 @@ class OrthancServer:
     """Start Orthanc on free ports from a config in a work directory; stop it by PID on exit.
 
     ``modalities`` maps a name to (AET, host, port) of DICOM peers Orthanc may C-STORE to.
+    ``dicomweb`` loads Debian's DICOMweb plugin, which serves the studies under ``/dicom-web/``.
     The work directory (storage, index, config, orthanc.log) is ``workdir`` when given and kept,
     else a temporary directory removed on exit.
     """
@@ -40,8 +48,10 @@ class OrthancServer:
         start_timeout_s: float = 30,
         http_port: int | None = None,
         dicom_port: int | None = None,
+        dicomweb: bool = False,
     ) -> None:
         self.aet = aet
+        self.dicomweb = dicomweb
         self.modalities = dict(modalities or {})
         self.stable_age_s = stable_age_s
         self.start_timeout_s = start_timeout_s
@@ -109,7 +119,7 @@ class OrthancServer:
             self._workdir = None
 
     def _config(self, workdir: Path) -> dict[str, Any]:
-        return {
+        config: dict[str, Any] = {
             "Name": "pacsclip-test",
             "StorageDirectory": str(workdir / "storage"),
             "IndexDirectory": str(workdir / "index"),
@@ -126,6 +136,21 @@ class OrthancServer:
                 for name, (aet, host, port) in self.modalities.items()
             },
         }
+        if self.dicomweb:
+            if not dicomweb_installed():
+                raise RuntimeError(f"Orthanc's DICOMweb plugin is not installed: {DICOMWEB_PLUGIN}")
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            # No "Host": the bulk data URIs in WADO-RS metadata name the host the request came
+            # to, so a proxy in front of Orthanc (one origin for a viewer) gets its own URIs.
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": DICOMWEB_ROOT,
+                "EnableWado": False,
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            }
+        return config
 
     def _wait_until_up(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.start_timeout_s

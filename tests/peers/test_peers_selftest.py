@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests.peers.data import ct_small_copies, rg1
 from tests.peers.dcmtk import echoscu, stop_process, storescp, storescu
-from tests.peers.orthanc import OrthancServer
+from tests.peers.ohif import OhifServer, ohif_installed
+from tests.peers.orthanc import OrthancServer, dicomweb_installed
 from tests.peers.ports import free_port
 from tests.peers.tls import make_tls_materials
 
@@ -120,3 +125,35 @@ def test_rg1_files_are_the_chest_radiograph() -> None:
     assert pydicom.dcmread(rg1("j2k"), stop_before_pixels=True).file_meta.TransferSyntaxUID == (
         "1.2.840.10008.1.2.4.90"
     )
+
+
+def test_ohif_origin_serves_the_viewer_and_orthancs_dicomweb(tmp_path: Path) -> None:
+    if not (dicomweb_installed() and ohif_installed()):
+        pytest.skip("orthanc-dicomweb or OHIF's build (.cache/ohif, scripts/bootstrap) missing")
+    [source] = ct_small_copies(1, tmp_path / "in")
+    study_uid = str(pydicom.dcmread(source).StudyInstanceUID)
+    with (
+        OrthancServer(workdir=tmp_path / "orthanc", dicomweb=True) as orthanc,
+        OhifServer(orthanc.url, tmp_path / "ohif.log") as ohif,
+    ):
+        orthanc.upload(source)
+
+        def get(path: str, accept: str = "*/*") -> tuple[str, bytes]:
+            request = urllib.request.Request(ohif.url + path, headers={"Accept": accept})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return str(response.headers["Content-Type"]), response.read()
+
+        # A route of the single-page app answers index.html; app-config.js is the generated one.
+        kind, page = get(f"/viewer?StudyInstanceUIDs={study_uid}")
+        assert kind.startswith("text/html") and b"app-config.js" in page
+        _, config = get("/app-config.js")
+        assert b'"qidoRoot": "/dicom-web"' in config
+        # QIDO-RS through the same origin finds the study in Orthanc.
+        kind, found = get(f"/dicom-web/studies?StudyInstanceUID={study_uid}", "application/json")
+        assert kind.startswith("application/dicom+json")
+        [study] = json.loads(found)
+        assert study["0020000D"]["Value"] == [study_uid]
+        # A missing asset is a 404, not the app.
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            get("/no-such-bundle.js")
+        assert missing.value.code == 404

@@ -51,6 +51,10 @@ from plugin.settings import Settings
 TOKEN = "dashboard-token-7e2"
 HOSTILE = "<script>alert(1)</script>"
 PATIENT_ID = "PID-DASH-0042"
+ACCESSION = "ACC-DASH-7731"
+# The nodule's region: a closed polyline in the source's pixel coordinates (CT_small is 128 x
+# 128), as the analysis stores it.
+OUTLINE = ((10.0, 10.0), (40.0, 10.0), (40.0, 40.0), (10.0, 40.0), (10.0, 10.0))
 
 
 class World:
@@ -105,7 +109,7 @@ def world(make_settings: Callable[..., Settings]) -> World:
         probability=0.91,
         decision="present",
         threshold=0.5,
-        region=(10, 10, 40, 40),
+        outlines=[OUTLINE],
         source_sop_instance_uid=str(source.SOPInstanceUID),
     )
     result = StudyResult([finding], "stat", ["nodule"], algorithm)
@@ -117,7 +121,7 @@ def world(make_settings: Callable[..., Settings]) -> World:
     heat = np.zeros((int(source.Rows), int(source.Columns)))
     heat[10:40, 10:40] = 1.0
     overlay = build_overlay(
-        source, heat, result, display_array(source), series_uid=generate_uid(),
+        source, heat, result, display_array(source), finding=finding, series_uid=generate_uid(),
         sop_uid=generate_uid(), series_number=902, instance_number=1, content_datetime=when,
     )  # fmt: skip
     study_uid = str(source.StudyInstanceUID)
@@ -130,7 +134,10 @@ def world(make_settings: Callable[..., Settings]) -> World:
             site=Site(key="AE1|General"),
             state="delivered",
             priority="stat",
+            patient_name=HOSTILE,
             patient_id=PATIENT_ID,
+            accession_number=ACCESSION,
+            study_date="20261130",
             study_description=HOSTILE,
             calling_ae_title="AE1",
             series=[
@@ -172,6 +179,15 @@ def world(make_settings: Callable[..., Settings]) -> World:
                         "decision": "present",
                         "threshold": 0.5,
                         "source_sop_instance_uid": str(source.SOPInstanceUID),
+                        "code": {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"},
+                        "scored_by": "zero-shot, calibration v2",
+                        "localisation": "patch-similarity",
+                        "regions": [
+                            {
+                                "sop_instance_uid": str(source.SOPInstanceUID),
+                                "contour": [list(point) for point in OUTLINE],
+                            }
+                        ],
                     }
                 ],
                 objects=[
@@ -300,11 +316,16 @@ def test_no_patient_identifier_in_urls_or_logs(
     client = world.client()
     caplog.set_level(logging.DEBUG)
     login(client)
+    world.settings.viewer_base_url = "https://pacs.example.org/ohif"
     pages = [client.get("/").text, client.get(f"/studies/{world.study_uid}").text]
     links = [link for page in pages for link in re.findall(r'(?:href|src)="([^"]+)"', page)]
-    assert links and not [link for link in links if PATIENT_ID in link or "alert" in link]
-    assert PATIENT_ID in pages[1]  # shown to the logged-in reader, on the page only
-    assert PATIENT_ID not in caplog.text and "alert(1)" not in caplog.text
+    assert any("StudyInstanceUIDs=" in link for link in links)  # the viewer link is there
+    identifiers = (PATIENT_ID, ACCESSION, "alert", "20261130", "2026-11-30")
+    assert links and not [link for link in links for i in identifiers if i in link]
+    for page in pages:  # shown to the logged-in reader, on the pages only
+        assert PATIENT_ID in page and ACCESSION in page and "2026-11-30" in page
+    for identifier in (PATIENT_ID, ACCESSION, "alert(1)", "20261130", "2026-11-30"):
+        assert identifier not in caplog.text
 
 
 # --- pages ---------------------------------------------------------------------------------
@@ -426,8 +447,19 @@ def test_a_shadow_model_is_shown_as_shadow_never_as_the_study_findings(world: Wo
                 priority="routine",
                 triggered_by=[],
                 findings=[
-                    {"name": "consolidation", "probability": 0.73, "threshold": 0.5},
-                    {"name": "nodule", "probability": 0.2, "threshold": 0.5},
+                    {
+                        "name": "consolidation",
+                        "probability": 0.73,
+                        "threshold": 0.5,
+                        "decision": "present",
+                    },
+                    {"name": "nodule", "probability": 0.2, "threshold": 0.5, "decision": "absent"},
+                    {  # in the undetermined zone: not a finding, as in the SR
+                        "name": "effusion",
+                        "probability": 0.55,
+                        "threshold": 0.5,
+                        "decision": "indeterminate",
+                    },
                 ],
                 role="shadow",
             )
@@ -442,4 +474,227 @@ def test_a_shadow_model_is_shown_as_shadow_never_as_the_study_findings(world: Wo
     assert "0.730" not in findings
     shadow = page[page.index('id="shadow-results"') :]
     assert "tiny-candidate 2.0" in shadow and "consolidation 0.73" in shadow
+    assert "effusion" not in shadow
     assert "nothing of" in shadow
+
+
+# --- regions, patient fields, priors, viewer links -----------------------------------------
+
+
+def _add_analysis(world: World, generation: int, findings: list[dict[str, object]]) -> None:
+    """A newer live analysis of the world's study (the one the pages show)."""
+    with world.catalog.sessions.begin() as session:
+        study = session.query(Study).filter_by(study_instance_uid=world.study_uid).one()
+        session.add(
+            Analysis(
+                study_id=study.id,
+                generation=generation,
+                algorithm_name="tiny-demo",
+                algorithm_version="1.0",
+                synthetic=True,
+                priority="routine",
+                triggered_by=[],
+                findings=findings,
+            )
+        )
+
+
+def _finding(name: str, probability: float, decision: str, **more: object) -> dict[str, object]:
+    return {
+        "name": name,
+        "display": name.title(),
+        "probability": probability,
+        "threshold": 0.5,
+        "decision": decision,
+        **more,
+    }
+
+
+def test_study_page_draws_each_present_findings_region_over_the_source_image(
+    world: World,
+) -> None:
+    client = world.client()
+    login(client)
+    page = client.get(f"/studies/{world.study_uid}").text
+
+    # The SVG lies over the source image, in its pixel coordinates (CT_small: 128 x 128).
+    figure = page[page.index('id="source-image"') :]
+    figure = figure[: figure.index("</figure>")]
+    svg = re.search(r'<svg class="regions" data-image="([^"]+)" viewBox="([^"]+)"', figure)
+    assert svg is not None and svg[1] == world.source_uid and svg[2] == "0 0 128 128"
+    assert re.findall(r'<polygon points="([^"]+)">', page) == ["10,10 40,10 40,40 10,40 10,10"]
+    assert re.search(r"<text [^>]*>Nodule 0\.91</text>", figure)
+    listed = page[page.index('id="regions"') : page.index('id="priors"')]
+    assert "Nodule" in listed and "patch-similarity" in listed
+    assert "columns 10.0 to 40.0, rows 10.0 to 40.0 (5 points)" in listed
+    assert "no region was computed" not in listed
+    findings = page[page.index('id="result-algorithm"') : page.index('class="images"')]
+    assert "zero-shot, calibration v2" in findings and "SCT 27925004" in findings
+
+
+def test_a_region_on_another_image_is_drawn_on_that_image_in_its_own_size(
+    world: World,
+) -> None:
+    """A second image, 96 columns by 128 rows: its viewBox is Columns x Rows, not square."""
+    narrow = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    narrow.StudyInstanceUID = world.study_uid
+    narrow.SOPInstanceUID = narrow.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    narrow.PixelData = np.ascontiguousarray(narrow.pixel_array[:, :96]).tobytes()
+    narrow.Columns = 96
+    relative = f"{world.study_uid}/narrow/{narrow.SOPInstanceUID}.dcm"
+    _store(narrow, world.settings.spool_dir, relative)
+    with world.catalog.sessions.begin() as session:
+        study = session.query(Study).filter_by(study_instance_uid=world.study_uid).one()
+        study.series[0].instances.append(
+            Instance(
+                sop_instance_uid=str(narrow.SOPInstanceUID),
+                sop_class_uid=str(narrow.SOPClassUID),
+                transfer_syntax_uid=str(narrow.file_meta.TransferSyntaxUID),
+                path=relative,
+                size_bytes=1,
+                sha256="0" * 64,
+                calling_ae_title="AE1",
+            )
+        )
+    contour = [[80, 100], [95.5, 100], [95.5, 127], [80, 100]]
+    _add_analysis(
+        world,
+        2,
+        [
+            _finding(
+                "nodule",
+                0.91,
+                "present",
+                source_sop_instance_uid=world.source_uid,
+                regions=[{"sop_instance_uid": str(narrow.SOPInstanceUID), "contour": contour}],
+            )
+        ],
+    )
+    client = world.client()
+    login(client)
+    page = client.get(f"/studies/{world.study_uid}").text
+    figure = page[page.index('class="region-image"') :]
+    figure = figure[: figure.index("</figure>")]
+    assert f"/images/{narrow.SOPInstanceUID}.png" in figure
+    assert f'data-image="{narrow.SOPInstanceUID}" viewBox="0 0 96 128"' in figure
+    assert '<polygon points="80,100 95.5,100 95.5,127 80,100">' in figure
+    source = page[page.index('id="source-image"') :]
+    assert "<svg" not in source[: source.index("</figure>")]  # nothing on the other image
+    png = client.get(f"/studies/{world.study_uid}/images/{narrow.SOPInstanceUID}.png?size=512")
+    assert Image.open(io.BytesIO(png.content)).size == (96, 128)  # as the viewBox says
+
+
+def test_a_present_finding_without_a_region_says_so_and_nothing_else_is_drawn(
+    world: World,
+) -> None:
+    square = [[0, 0], [9, 0], [9, 9], [0, 0]]
+    region = [{"sop_instance_uid": world.source_uid, "contour": square}]
+    _add_analysis(
+        world,
+        2,
+        [
+            _finding("nodule", 0.9, "present", localisation=None, regions=[]),
+            _finding("mass", 0.8, "present"),  # stored before regions: no key at all
+            _finding("effusion", 0.55, "indeterminate", regions=region),  # never drawn
+            _finding("pneumothorax", 0.1, "absent", regions=region),
+        ],
+    )
+    client = world.client()
+    login(client)
+    page = client.get(f"/studies/{world.study_uid}").text
+    assert "<polygon" not in page and '<svg class="regions"' not in page
+    listed = page[page.index('id="regions"') : page.index('id="priors"')]
+    assert listed.count("no region was computed") == 2
+    assert "Nodule" in listed and "Mass" in listed and "Effusion" not in listed
+
+    _add_analysis(world, 3, [_finding("nodule", 0.2, "absent")])
+    page = client.get(f"/studies/{world.study_uid}").text
+    assert "No finding is present: there is no region to draw." in page
+
+
+def test_worklist_shows_an_undetermined_score_apart_never_as_a_finding(world: World) -> None:
+    _add_analysis(
+        world,
+        2,
+        [_finding("nodule", 0.91, "present"), _finding("effusion", 0.55, "indeterminate")],
+    )
+    client = world.client()
+    login(client)
+    for page in (client.get("/").text, client.get("/worklist/rows").text):
+        found = re.findall(r'<span class="finding"[^>]*>([^<]+)</span>', page)
+        undetermined = re.findall(r'<span class="undetermined"[^>]*>([^<]+)<span', page)
+        assert found == ["Nodule 0.91"]
+        assert [u.strip() for u in undetermined] == ["Effusion 0.55"]
+        assert '<span class="badge">undetermined</span>' in page
+    study = client.get(f"/studies/{world.study_uid}").text
+    assert re.search(r"0\.550</td>.*?badge-undetermined\">undetermined<", study, re.S)
+
+
+def test_worklist_and_study_page_show_the_patient_and_study_fields(world: World) -> None:
+    client = world.client()
+    login(client)
+    row = client.get("/").text
+    row = row[row.index(f'data-study="{world.study_uid}"') :]
+    assert re.search(r'class="patient-name">&lt;script&gt;alert\(1\)&lt;/script&gt;<', row)
+    assert f'class="patient-id">ID {PATIENT_ID}<' in row
+    assert f'class="accession">{ACCESSION}<' in row
+    assert 'class="study-date">2026-11-30<' in row
+    study = client.get(f"/studies/{world.study_uid}").text
+    assert 'id="patient-name">&lt;script&gt;alert(1)&lt;/script&gt;<' in study
+    assert f'id="patient-id">{PATIENT_ID}<' in study
+    assert f'id="accession-number">{ACCESSION}<' in study
+    assert 'id="study-date">2026-11-30<' in study
+
+
+def test_study_page_lists_the_patients_priors_by_date(world: World) -> None:
+    with world.catalog.sessions.begin() as session:
+        site = session.query(Site).one()
+        for uid, patient, date in (
+            ("1.2.826.0.9.1", PATIENT_ID, "20250101"),
+            ("1.2.826.0.9.2", PATIENT_ID, "20260601"),
+            ("1.2.826.0.9.3", "SOMEONE-ELSE", "20260701"),
+        ):
+            session.add(
+                Study(
+                    study_instance_uid=uid,
+                    site=site,
+                    state="delivered",
+                    priority="routine",
+                    patient_id=patient,
+                    study_date=date,
+                    study_description=f"prior {uid}",
+                    calling_ae_title="AE1",
+                )
+            )
+    client = world.client()
+    login(client)
+    page = client.get(f"/studies/{world.study_uid}").text
+    listed = page[page.index('id="priors"') : page.index('class="similar"')]
+    assert re.findall(r'<tr class="prior" data-study="([^"]+)">', listed) == [
+        "1.2.826.0.9.2",
+        "1.2.826.0.9.1",
+    ]
+    assert listed.index("2026-06-01") < listed.index("2025-01-01")
+    assert 'href="/studies/1.2.826.0.9.2"' in listed
+    prior = client.get("/studies/1.2.826.0.9.1").text
+    assert f'data-study="{world.study_uid}"' in prior[prior.index('id="priors"') :]
+
+
+def test_each_study_links_into_the_configured_viewer(world: World) -> None:
+    client = world.client()
+    login(client)
+    assert "viewer-link" not in client.get("/").text  # no viewer base: no link
+    assert "no viewer configured" in client.get(f"/studies/{world.study_uid}").text
+
+    world.settings.viewer_base_url = "https://pacs.example.org/ohif"
+    expected = f"https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={world.study_uid}"
+    row = client.get("/worklist/rows").text
+    assert f'class="viewer-link" href="{expected}" target="_blank"' in row
+    study = client.get(f"/studies/{world.study_uid}").text
+    assert f'id="viewer-link" class="viewer-link" href="{expected}"' in study
+
+    world.settings.viewer_url_template = "https://weasis.example/view?study={study_uid}"
+    study = client.get(f"/studies/{world.study_uid}").text
+    assert f'href="https://weasis.example/view?study={world.study_uid}"' in study
+    world.settings.viewer_url_template = ""
+    assert "viewer-link" not in client.get("/").text

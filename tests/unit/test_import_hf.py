@@ -107,6 +107,35 @@ def test_clip_image_and_text_embeddings_match_transformers(
     assert_embeddings_match(TextEncoder(clip_bundle, threads=1).encode(TEXTS), text_ref)
 
 
+def _assert_patches_match(actual: npt.ArrayLike, expected: torch.Tensor) -> None:
+    """Patch tokens are not normalised by the tower: compare values and directions."""
+    reference = expected.detach().numpy()
+    ours = np.asarray(actual)
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=1e-4)
+    assert_embeddings_match(ours.reshape(-1, ours.shape[-1]), reference.reshape(-1, ours.shape[-1]))
+
+
+def test_clip_patch_tokens_are_the_projected_last_layer_tokens(
+    clip_folder: Path, clip_bundle: Bundle
+) -> None:
+    model = _eager(clip_folder, "clip")
+    pixels = _pixels()
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
+        # Every token but the class token, as the class token becomes the image embedding.
+        expected = model.visual_projection(model.vision_model.post_layernorm(hidden[:, 1:]))
+        image_ref = _features(model.get_image_features(pixel_values=torch.from_numpy(pixels)))
+
+    encoder = ImageEncoder(clip_bundle, threads=1)
+    embeds, patches = encoder.encode_with_patches(pixels)
+
+    assert clip_bundle.manifest.patch_grid == (4, 4)  # 32 px / 8 px patches
+    assert encoder.patch_grid(patches.shape[1]) == (4, 4)
+    _assert_patches_match(patches, expected)
+    assert_embeddings_match(embeds, image_ref)  # the same pass still gives the embeddings
+
+
 def test_clip_zero_shot_scores_match_transformers(clip_folder: Path, clip_bundle: Bundle) -> None:
     model = _eager(clip_folder, "clip")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(clip_folder))
@@ -230,6 +259,18 @@ def test_siglip_embeddings_and_zero_shot_match_transformers(tmp_path: Path) -> N
     assert_embeddings_match(TextEncoder(bundle, threads=1).encode(TEXTS), embed(TEXTS))
     scale = math.exp(model.logit_scale.item())
     assert_zero_shot_matches(bundle, pixels, images, embed, scale)
+
+    # Patch tokens: SigLIP's pooling head run on one token at a time, the head's own code.
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=torch.from_numpy(pixels)).last_hidden_state
+        expected = torch.stack(
+            [model.vision_model.head(hidden[:, i : i + 1]) for i in range(hidden.shape[1])],
+            dim=1,
+        )
+    embeds, patches = ImageEncoder(bundle, threads=1).encode_with_patches(pixels)
+    assert bundle.manifest.patch_grid == (4, 4)
+    _assert_patches_match(patches, expected)
+    assert_embeddings_match(embeds, images)
 
 
 def test_a_folder_that_is_not_clip_or_siglip_is_refused(tmp_path: Path) -> None:

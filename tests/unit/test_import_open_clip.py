@@ -106,6 +106,24 @@ def test_embeddings_match_open_clip(
     )
 
 
+PATCH_GRIDS = {"openai_b16": (2, 2), "openai_b8": (4, 4), "biomedclip": (4, 4)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_patch_tokens_match_open_clip_and_timm(
+    layout: str, reference: Reference, bundles: dict[str, Bundle]
+) -> None:
+    bundle = bundles[layout]
+    encoder = ImageEncoder(bundle, threads=1)
+    embeds, patches = encoder.encode_with_patches(reference.arrays["images"])
+    expected = reference.arrays[f"{layout}/patches"]
+
+    assert bundle.manifest.patch_grid == PATCH_GRIDS[layout]
+    assert patches.shape == expected.shape == (3, np.prod(PATCH_GRIDS[layout]), 24)
+    np.testing.assert_allclose(patches, expected, atol=1e-4, rtol=1e-4)
+    assert_embeddings_match(embeds, reference.arrays[f"{layout}/image"])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_zero_shot_scores_match_open_clip(
     layout: str, reference: Reference, bundles: dict[str, Bundle]

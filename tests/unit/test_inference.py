@@ -300,3 +300,77 @@ def test_the_built_in_demo_model_does_not_score_a_real_radiograph(tmp_path: Path
     unguarded = triage("--no-saliency", "--no-ood-guard")
     assert unguarded["ood"] is None
     assert {f["name"] for f in unguarded["findings"]} >= {"pleural_effusion", "pneumothorax"}
+
+
+def test_only_findings_not_absent_get_maps_and_present_ones_get_outlines(
+    study: tuple[Path, Path, Path],
+) -> None:
+    from pydicom import dcmread
+
+    bundle_dir, positive, negative = study
+    model = TriageModel(load_bundle(bundle_dir), threads=1)
+
+    report = model.triage([dcmread(positive)])
+    quiet = model.triage([dcmread(negative)])
+
+    decisions = {f.name: f.decision for f in report.findings}
+    shown = {s.finding: s for s in report.saliency}
+    assert set(shown) == {name for name, d in decisions.items() if d != "absent"}
+    effusion = shown["pleural_effusion"]
+    assert effusion.method == "occlusion"
+    assert effusion.outlines and effusion.region == effusion.outlines[0].box()
+    # The positive image's left band (columns below 34) is what makes it an effusion.
+    assert effusion.peak[1] < 34 and effusion.region[3] < 34
+    assert all(
+        s.finding in {f.name for f in quiet.findings if f.decision != "absent"}
+        for s in quiet.saliency
+    )
+
+
+def test_an_image_too_large_for_a_map_keeps_its_scores(
+    study: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydicom import dcmread
+
+    from plugin import inference
+
+    bundle_dir, positive, _ = study
+    model = TriageModel(load_bundle(bundle_dir), threads=1)
+    monkeypatch.setattr(inference, "MAX_MAP_PIXELS", 96 * 80 - 1)
+
+    report = model.triage([dcmread(positive)])
+
+    assert report.saliency == []
+    effusion = next(f for f in report.findings if f.name == "pleural_effusion")
+    assert effusion.decision == "present"
+
+
+def test_findings_carry_their_code_and_what_scored_them(
+    study: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from pydicom import dcmread
+
+    from plugin.results import FindingCode
+
+    bundle_dir, positive, _ = study
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    findings = json.loads((copy / "bundle.json").read_text())["findings"]
+    declared = {"value": "C0034067", "scheme": "UMLS", "meaning": "Effusion (site-declared)"}
+    for finding in findings:
+        if finding["name"] == "pleural_effusion":
+            finding["code"] = declared
+    edit_manifest(copy, findings=findings)
+    model = TriageModel(load_bundle(copy), threads=1)
+
+    report = model.triage([dcmread(positive)])
+
+    by_name = {f.name: f for f in report.findings}
+    assert by_name["pleural_effusion"].code == FindingCode(**declared)
+    # No code declared: the default for the name, from the lexicon.
+    assert by_name["pneumothorax"].code == FindingCode("36118008", "SCT", "Pneumothorax")
+    assert by_name["pleural_effusion"].scored_by == "zero-shot prompts; not calibrated"
+    # The JSON output (pacsclip triage --json) carries the code as an object.
+    assert json.loads(json.dumps(report.as_dict()))["findings"][0]["code"] == declared

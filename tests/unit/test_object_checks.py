@@ -50,6 +50,10 @@ def test_a_valid_object_is_described(ct: Dataset) -> None:
     assert obj == inspect(ct)
     assert getattr(obj, "modality") == "CT"  # noqa: B009
     assert getattr(obj, "institution_name") == "JFK IMAGING CENTER"  # noqa: B009
+    # The header fields the dashboard shows a logged-in reader (never logged).
+    assert getattr(obj, "patient_name") == "CompressedSamples^CT1"  # noqa: B009
+    assert getattr(obj, "patient_id") == "1CT1"  # noqa: B009
+    assert getattr(obj, "study_date") == "20040119"  # noqa: B009
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from plugin.cli.main import app
 from plugin.models.bundle import load_bundle
-from plugin.models.quantize import quantize_bundle
-from tests.models_fixtures import TinyImageTower, build_bundle, export_image_tower
+from plugin.models.quantize import probe_inputs, quantize_bundle
+from plugin.models.runtime import ImageEncoder
+from tests.models_fixtures import TinyImageTower, build_bundle, edit_manifest, export_image_tower
 
 
 @pytest.fixture
@@ -45,3 +47,24 @@ def test_quantize_cli_reports_parity_and_refuses_to_overwrite(
     assert "exists" in again.output
     listed = runner.invoke(app, ["--data-dir", str(tmp_path / "data"), "model", "list"])
     assert "1.0.0-int8" in listed.output
+
+
+def test_int8_copy_keeps_the_patch_tokens_and_the_patch_grid(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tower = export_image_tower(TinyImageTower(with_patches=True), tmp_path / "tower.onnx")
+    source = build_bundle(tmp_path / "bundle", tower)
+    edit_manifest(source, patch_grid=[8, 8])
+
+    quantized, _ = quantize_bundle(source, tmp_path / "int8")
+
+    fp32 = ImageEncoder(load_bundle(source), threads=1)
+    int8 = ImageEncoder(quantized, threads=1)
+    pixels = probe_inputs(quantized, count=2)
+    _, expected = fp32.encode_with_patches(pixels)
+    _, patches = int8.encode_with_patches(pixels)
+    assert quantized.manifest.patch_grid == (8, 8)
+    assert int8.patch_grid(patches.shape[1]) == (8, 8)
+    cosine = np.sum(patches * expected, axis=-1) / (
+        np.linalg.norm(patches, axis=-1) * np.linalg.norm(expected, axis=-1)
+    )
+    assert cosine.min() > 0.9

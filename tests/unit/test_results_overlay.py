@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import io
 import shutil
@@ -32,9 +33,11 @@ from plugin.results import (
     StudyResult,
     build_overlay,
     overlay_text_lines,
+    render_overlay,
 )
 from plugin.results.overlay import (
     HEAT_ALPHA,
+    OUTLINE_RGB,
     WARNING_RGB,
     colormap,
     output_shape,
@@ -84,7 +87,6 @@ def _result(source: Dataset, algorithm: AlgorithmIdentity = DEMO) -> StudyResult
             probability=0.87,
             decision="present",
             threshold=0.5,
-            region=None,
             source_sop_instance_uid=uid,
         ),
         FindingResult(
@@ -94,7 +96,6 @@ def _result(source: Dataset, algorithm: AlgorithmIdentity = DEMO) -> StudyResult
             probability=0.12,
             decision="absent",
             threshold=0.4,
-            region=None,
             source_sop_instance_uid=uid,
         ),
     ]
@@ -110,10 +111,10 @@ def _build(case: Case, algorithm: AlgorithmIdentity = DEMO, **changes: Any) -> h
         "instance_number": 1,
         "content_datetime": WHEN,
     }
+    result = _result(case.source, algorithm)
+    values.setdefault("finding", result.findings[0])
     values.update(changes)
-    return build_overlay(
-        case.source, case.heat, _result(case.source, algorithm), case.display, **values
-    )
+    return build_overlay(case.source, case.heat, result, case.display, **values)
 
 
 def _to_bytes(ds: Dataset) -> bytes:
@@ -259,6 +260,7 @@ def test_large_image_is_downscaled() -> None:
         np.zeros_like(display),
         _result(source),
         display,
+        finding=_result(source).findings[0],
         series_uid="1.2.3.1",
         sop_uid="1.2.3.2",
         series_number=1,
@@ -286,6 +288,7 @@ def test_rejects_arrays_not_at_source_size(case: Case) -> None:
             case.heat[:-1],
             _result(case.source),
             case.display,
+            finding=_result(case.source).findings[0],
             series_uid="1.2.3.1",
             sop_uid="1.2.3.2",
             series_number=1,
@@ -342,3 +345,33 @@ def test_a_source_without_its_type2_patient_and_study_attributes_still_gets_an_o
     assert sc.StudyInstanceUID == case.source.StudyInstanceUID
     assert sc.PatientID == "" and sc.StudyDate == ""
     assert "PatientID" not in bare
+
+
+def test_the_panel_names_the_mapped_finding_and_its_regions_are_outlined() -> None:
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    display = display_array(source)
+    base = _result(source)
+    outlined = dataclasses.replace(
+        base.findings[0], outlines=[((40.0, 40.0), (80.0, 40.0), (80.0, 80.0), (40.0, 40.0))]
+    )
+    result = dataclasses.replace(base, findings=[outlined, base.findings[1]])
+    heat = np.zeros_like(display)
+
+    plain = render_overlay(display, heat, result)
+    drawn = render_overlay(display, heat, result, outlined)
+
+    lines = [text for text, _ in overlay_text_lines(result, outlined)]
+    assert "heat map of: Pneumothorax (present, outlined)" in lines
+    # CT_small is shown 4x (512 px): the outline's top edge runs along row 160, columns
+    # 160-320, in the outline colour; the image without the finding has none of it.
+    cyan = np.array(OUTLINE_RGB, dtype=np.uint8)
+    assert (drawn[159:162, 200] == cyan).all(axis=-1).any()
+    assert not (plain[159:162, 200] == cyan).all(axis=-1).any()
+    assert not (drawn[300, 200] == cyan).all()  # inside the outline: the image, not a fill
+
+
+def test_an_absent_finding_gets_no_overlay(case: Case) -> None:
+    result = _result(case.source)
+
+    with pytest.raises(ResultBuildError, match="absent"):
+        _build(case, finding=result.findings[1])

@@ -34,7 +34,8 @@ from plugin.results import (
     result_uid,
     tracking_uid,
 )
-from plugin.results.sr import PROBABILITY, local_code_value
+from plugin.results.sr import FREEHAND_ROI_PREFIX, PROBABILITY, local_code_value
+from plugin.results.study_result import box_outline
 from tests.peers.data import rg1
 
 WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9)
@@ -75,7 +76,6 @@ def _finding(
         "probability": probability,
         "decision": decision,
         "threshold": 0.5,
-        "region": None,
         "source_sop_instance_uid": uid,
     }
     values.update(changes)
@@ -92,7 +92,7 @@ def _findings(source: Dataset) -> list[FindingResult]:
             "present",
             uid,
             code=PNEUMOTHORAX,
-            region=(10, 20, 60, 90),
+            outlines=[box_outline(10, 20, 60, 90)],
         ),
         _finding("cardiomegaly", "Cardiomegaly", 0.12, "absent", uid, threshold=0.4),
         _finding("pleural_effusion_left", "Left pleural effusion", 0.45, "indeterminate", uid),
@@ -148,8 +148,12 @@ def _run_tool(name: str, path: Path) -> str:
 def _groups(sr: hd.sr.Comprehensive3DSR) -> dict[str, Any]:
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
-    groups = [*report.get_image_measurement_groups(), *report.get_planar_roi_measurement_groups()]
-    return {str(group.tracking_identifier): group for group in groups}
+    # Only present findings with a region are measurement groups, all of them planar ROIs.
+    assert not report.get_image_measurement_groups()
+    groups = report.get_planar_roi_measurement_groups()
+    return {
+        str(group.tracking_identifier).removeprefix(FREEHAND_ROI_PREFIX): group for group in groups
+    }
 
 
 def test_round_trip_keeps_study_and_makes_a_new_series(source: Dataset) -> None:
@@ -165,16 +169,22 @@ def test_round_trip_keeps_study_and_makes_a_new_series(source: Dataset) -> None:
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
 
-def test_one_group_per_finding_with_probability_decision_and_tracking(source: Dataset) -> None:
+def test_a_group_per_present_finding_with_region_probability_and_tracking(
+    source: Dataset,
+) -> None:
     result = _result(source)
-    groups = _groups(_round_trip(_build(source, result)))
+    sr = _round_trip(_build(source, result))
+    groups = _groups(sr)
 
-    assert sorted(groups) == sorted(f.name for f in result.findings)
-    for finding in result.findings:
+    present = [f for f in result.findings if f.decision == "present"]
+    assert sorted(groups) == [f.name for f in present] == ["pneumothorax"]
+    for finding in present:
         group = groups[finding.name]
+        assert str(group.tracking_identifier) == f"{FREEHAND_ROI_PREFIX}{finding.name}"
         assert group.tracking_uid == tracking_uid(source.StudyInstanceUID, DEMO, finding.name)
         (probability,) = group.get_measurements(name=PROBABILITY)
         assert probability.value == pytest.approx(finding.probability)
+        assert probability.unit.value == "1"
         (decision,) = group.get_qualitative_evaluations()
         assert (decision.value.value, decision.value.scheme_designator) == DECISION_CODES[
             finding.decision
@@ -182,6 +192,34 @@ def test_one_group_per_finding_with_probability_decision_and_tracking(source: Da
         assert group.finding_type.meaning == (
             finding.code.meaning if finding.code else finding.display
         )
+        # The region again under the NUM, for OHIF's measurement panel, and the group's title.
+        [number] = [i for i in group[0].ContentSequence if i.ValueType == "NUM"]
+        [inferred] = [i for i in number.ContentSequence if i.ValueType == "SCOORD"]
+        assert inferred.RelationshipType == "INFERRED FROM"
+        assert list(inferred.GraphicData) == list(group.roi.GraphicData)
+        comments = [i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"]
+        assert "Pneumothorax: probability 0.87 (present, decision threshold 0.50)" in comments
+
+
+def test_findings_without_a_region_are_report_level_evaluations(source: Dataset) -> None:
+    sr = _round_trip(_build(source, _result(source)))
+
+    items = _report_evaluations(sr).ContentSequence
+    decisions = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.ConceptCodeSequence[0].CodeMeaning
+        for item in items
+        if item.ValueType == "CODE"
+    }
+    assert decisions == {
+        "Priority": "STAT",
+        "Cardiomegaly": "Absent",
+        "Left pleural effusion": "Undetermined",
+    }
+    texts = [str(item.TextValue) for item in items if item.ValueType == "TEXT"]
+    assert "Cardiomegaly: probability 0.12 (absent, decision threshold 0.40)" in texts
+    assert (
+        "Left pleural effusion: probability 0.45 (undetermined, decision threshold 0.50)" in texts
+    )
 
 
 def test_algorithm_identification_in_every_group(source: Dataset) -> None:
@@ -234,8 +272,10 @@ def test_full_evidence_and_source_image_references(source: Dataset) -> None:
             source.SOPClassUID,
         )
     ]
-    (source_image,) = _groups(sr)["cardiomegaly"].source_images
-    assert source_image.referenced_sop_instance_uid == source.SOPInstanceUID
+    roi = _groups(sr)["pneumothorax"].roi
+    assert roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        source.SOPInstanceUID
+    )
 
 
 def _report_evaluations(sr: Dataset) -> Dataset:
@@ -254,7 +294,11 @@ def test_priority_is_a_report_level_evaluation(priority: str, code_value: str) -
     triggers = ["pneumothorax"] if priority == "stat" else []
     sr = _round_trip(_build(source, _result(source, priority=priority, triggered_by=triggers)))
 
-    codes = [item for item in _report_evaluations(sr).ContentSequence if item.ValueType == "CODE"]
+    codes = [
+        item
+        for item in _report_evaluations(sr).ContentSequence
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Priority"
+    ]
     (priority_item,) = codes
     assert priority_item.ConceptNameCodeSequence[0].CodeMeaning == "Priority"
     assert priority_item.ConceptCodeSequence[0].CodeValue == code_value
@@ -348,7 +392,9 @@ def test_rejects_a_finding_on_an_image_not_given() -> None:
 
 def test_rejects_a_region_outside_the_image() -> None:
     source = _ct_small()  # 128 x 128
-    outside = _finding("x", "X", 0.9, "present", source.SOPInstanceUID, region=(0, 0, 128, 10))
+    outside = _finding(
+        "x", "X", 0.9, "present", source.SOPInstanceUID, outlines=[box_outline(0, 0, 128, 10)]
+    )
 
     with pytest.raises(ResultBuildError, match="outside"):
         _build(source, _result(source, findings=[outside]))
@@ -374,7 +420,12 @@ def test_rejects_sources_from_two_studies() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("probability", 1.2), ("threshold", -0.1), ("decision", "maybe"), ("region", (5, 5, 4, 9))],
+    [
+        ("probability", 1.2),
+        ("threshold", -0.1),
+        ("decision", "maybe"),
+        ("outlines", [((0.0, 0.0), (4.0, 0.0), (4.0, 4.0))]),
+    ],
 )
 def test_invalid_findings_are_refused(field: str, value: Any) -> None:
     valid = _finding("x", "X", 0.5, "absent", "1.2.3")
@@ -484,24 +535,16 @@ def test_a_study_out_of_distribution_is_reported_as_not_scored(source: Dataset) 
     assert statement.startswith("Out of distribution for model pacsclip-demo version 0.1.0:")
     assert "findings not scored" in statement
     assert SYNTHETIC_MODEL in texts and NOT_FOR_DIAGNOSIS in texts
-    # No finding group and no probability: the one group is the distribution check.
-    [group] = _groups(sr).values()
-    assert str(group.tracking_identifier) == "out-of-distribution check"
-    assert group.finding_type.meaning == "Input distribution check"
-    [evaluation] = group.get_qualitative_evaluations()
-    assert (evaluation.name.meaning, evaluation.value.meaning) == (
-        "Model applicability",
-        "Out of distribution",
-    )
-    [distance] = group.get_measurements()
-    assert distance.value == pytest.approx(31.5)
-    assert not group.get_measurements(name=PROBABILITY)
-    priorities = [
-        item.ConceptCodeSequence[0].CodeMeaning
+    assert "study distance 31.5" in statement
+    # No measurement group at all (a viewer draws nothing), no probability anywhere.
+    assert _groups(sr) == {}
+    assert "126010" not in [i.ConceptNameCodeSequence[0].CodeValue for i in sr.ContentSequence]
+    evaluations = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.ConceptCodeSequence[0].CodeMeaning
         for item in sr.ContentSequence[-1].ContentSequence
         if "ConceptCodeSequence" in item
-    ]
-    assert priorities == ["Not scored"]
+    }
+    assert evaluations == {"Priority": "Not scored", "Model applicability": "Out of distribution"}
 
 
 def test_the_not_scored_sr_passes_dciodvfy(tmp_path: Path) -> None:
@@ -556,3 +599,92 @@ def test_a_source_without_its_type2_patient_and_study_attributes_still_gets_an_s
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert all(sr[keyword].value in ("", None) for keyword in PATIENT_AND_STUDY_TYPE2)
     assert "PatientID" not in bare  # the source itself is left as it was
+
+
+def test_a_contour_region_keeps_its_points_and_only_the_hottest_goes_in(source: Dataset) -> None:
+    uid = str(source.SOPInstanceUID)
+    contour = ((12.0, 8.0), (40.5, 8.0), (52.0, 30.25), (12.0, 44.0), (12.0, 8.0))
+    second = box_outline(60, 60, 70, 70)
+    finding = _finding("nodule", "Nodule", 0.9, "present", uid, outlines=[contour, second])
+
+    groups = _groups(_round_trip(_build(source, _result(source, findings=[finding]))))
+
+    roi = groups["nodule"].roi
+    assert roi.GraphicType == "POLYLINE"
+    assert list(roi.GraphicData) == [v for point in contour for v in point]
+
+
+def test_an_absent_finding_gets_no_region_even_with_an_outline(source: Dataset) -> None:
+    uid = str(source.SOPInstanceUID)
+    absent = _finding("nodule", "Nodule", 0.1, "absent", uid, outlines=[box_outline(1, 1, 9, 9)])
+    undetermined = _finding(
+        "mass", "Mass", 0.5, "indeterminate", uid, outlines=[box_outline(1, 1, 9, 9)]
+    )
+
+    sr = _round_trip(_build(source, _result(source, findings=[absent, undetermined])))
+
+    assert _groups(sr) == {}
+    assert not [t for t in _texts(sr) if t.startswith("No region")]
+
+
+def test_a_region_group_states_what_scored_it(source: Dataset) -> None:
+    uid = str(source.SOPInstanceUID)
+    finding = _finding(
+        "nodule",
+        "Nodule",
+        0.9,
+        "present",
+        uid,
+        outlines=[box_outline(5, 5, 20, 20)],
+        scored_by="site head v3 of site AE1|General; calibrated on labels.csv",
+    )
+
+    sr = _round_trip(_build(source, _result(source, findings=[finding])))
+
+    group = _groups(sr)["nodule"]
+    parameters = [
+        item.TextValue
+        for item in group[0].ContentSequence
+        if item.ValueType == "TEXT"
+        and item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"
+    ]
+    assert "scored by site head v3 of site AE1|General; calibrated on labels.csv" in parameters
+
+
+def test_what_produced_each_score_and_a_missing_region_are_stated(source: Dataset) -> None:
+    uid = str(source.SOPInstanceUID)
+    finding = _finding(
+        "nodule",
+        "Nodule",
+        0.9,
+        "present",
+        uid,
+        scored_by="site head v3 of site AE1|General; calibrated on labels.csv",
+        region_note="regions are placed on single-frame images only",
+    )
+
+    sr = _round_trip(_build(source, _result(source, findings=[finding])))
+
+    assert _groups(sr) == {}
+    texts = _texts(sr)
+    assert (
+        "Nodule: probability 0.90 (present, decision threshold 0.50); scored by site head v3 "
+        "of site AE1|General; calibrated on labels.csv"
+    ) in texts
+    assert "No region computed for Nodule: regions are placed on single-frame images only" in (
+        texts
+    )
+
+
+def test_standard_finding_codes_by_default() -> None:
+    from plugin.results.finding_codes import default_finding_code, finding_code
+
+    assert default_finding_code("pneumothorax") == FindingCode("36118008", "SCT", "Pneumothorax")
+    assert default_finding_code("pleural_effusion") == FindingCode(
+        "60046008", "SCT", "Pleural effusion"
+    )
+    # SNOMED has no concept for it in the lexicon: RadLex's.
+    assert default_finding_code("nodule") == FindingCode("RID3875", "RADLEX", "Pulmonary nodule")
+    assert default_finding_code("made_up_finding") is None
+    declared = FindingCode("123", "99LOCAL", "Local")
+    assert finding_code("pneumothorax", declared) == declared

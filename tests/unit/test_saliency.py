@@ -7,6 +7,7 @@ import numpy.typing as npt
 import pytest
 
 from plugin.triage import Region, occlusion_map, patch_similarity_map, peak, region, resize_bilinear
+from plugin.triage.saliency import outlines
 
 Images = npt.NDArray[np.float32]
 
@@ -133,3 +134,45 @@ def test_occlusion_maps_of_several_scores_match_one_map_each() -> None:
     for column, heat in enumerate(together):
         alone = occlusion_map(image, lambda b, c=column: both(b)[:, c], patch=8, stride=4)
         np.testing.assert_allclose(heat, alone, atol=1e-6)
+
+
+def test_outlines_follow_pixel_edges_fill_holes_and_drop_specks() -> None:
+    heat = np.zeros((100, 120), dtype=np.float32)
+    heat[10:30, 20:50] = 1.0
+    heat[15:20, 30:35] = 0.0  # a hole inside the hottest region
+    heat[60:90, 60:100] = 0.8  # a second, cooler region
+    heat[95, 5] = 0.9  # a one-pixel speck, hotter than the second region
+
+    found = outlines(heat)
+
+    assert [round(o.peak, 2) for o in found] == [1.0, 0.8]
+    first, second = found
+    assert first.box() == (10, 20, 29, 49)
+    assert second.box() == (60, 60, 89, 99)
+    assert first.area == 20 * 30  # the hole is filled
+    # Closed, and along the region's outer pixel edges (cut diagonally at the corners).
+    assert np.array_equal(first.points[0], first.points[-1])
+    assert first.points[:, 0].min() == 20.0 and first.points[:, 0].max() == 50.0
+    assert first.points[:, 1].min() == 10.0 and first.points[:, 1].max() == 30.0
+
+
+def test_outlines_keep_at_most_the_hottest_few_and_none_for_an_empty_map() -> None:
+    heat = np.zeros((64, 64), dtype=np.float32)
+    for k in range(5):
+        heat[2 + 12 * k : 10 + 12 * k, 2:10] = 1.0 - 0.1 * k
+
+    assert [round(o.peak, 1) for o in outlines(heat, max_regions=3)] == [1.0, 0.9, 0.8]
+    assert outlines(np.zeros((32, 32), dtype=np.float32)) == []
+
+
+def test_outlines_of_a_large_map_are_traced_on_a_coarse_grid_in_source_pixels() -> None:
+    heat = np.zeros((1955, 1841), dtype=np.float32)
+    heat[500:900, 300:700] = 1.0
+
+    (found,) = outlines(heat)
+
+    row_min, col_min, row_max, col_max = found.box()
+    # Within one grid cell (about 8 source pixels) of the true box.
+    assert abs(row_min - 500) <= 8 and abs(row_max - 899) <= 8
+    assert abs(col_min - 300) <= 8 and abs(col_max - 699) <= 8
+    assert len(found.points) < 50

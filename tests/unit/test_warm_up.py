@@ -26,7 +26,7 @@ def test_the_worker_scores_and_builds_once_in_memory_at_start(tmp_path: Path) ->
     built = context.analyser.warm_up()
     context.warm_up()
 
-    assert built == ["SR", "SC"]  # an SR and an overlay, the two builders a study uses
+    assert built == ["SR", "SC", "SEG"]  # an SR, an overlay and a SEG: the builders a study uses
     assert "plugin.delivery.jobs" in sys.modules
     assert not any(settings.results_dir.rglob("*.dcm"))  # nothing written, nothing recorded
     with context.catalog.sessions() as session:

@@ -1,5 +1,6 @@
-"""Worklist pages stay fast with 100,000 studies: keyset pagination over an index, checked by
-the SQLite query plan and by the time a page takes to render, first page and deep."""
+"""Worklist pages stay fast with 100,000 studies: keyset pagination over an index (STAT studies
+first, then the others), checked by the SQLite query plan and by the time a page takes to
+render, first page and deep."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import insert, select, text
+from sqlalchemy import case, insert, select, text
 
 from plugin.api import create_app
 from plugin.catalog.db import Catalog, open_catalog
@@ -61,30 +62,41 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, Catalog]:
 def test_pages_follow_each_other_without_gaps_or_repeats(big: tuple[Settings, Catalog]) -> None:
     _, catalog = big
     seen: list[tuple[datetime, str]] = []
+    seen_rows = []
     cursor: Cursor | None = None
     with catalog.sessions() as session:
         for _ in range(4):
             page = worklist_page(session, WorklistQuery(after=cursor, limit=49))
             seen += [(r.received_at, r.study_instance_uid) for r in page.rows]
+            seen_rows += page.rows
             cursor = page.next_cursor
             assert cursor is not None
             cursor = Cursor.parse(cursor.token())  # as it travels through a URL
+        stat_first = case((Study.priority == "stat", 0), else_=1)
         newest = session.execute(
             select(Study.received_at, Study.study_instance_uid)
-            .order_by(Study.received_at.desc(), Study.id.desc())
+            .order_by(stat_first, Study.received_at.desc(), Study.id.desc())
             .limit(4 * 49)
         ).all()
         stat = worklist_page(session, WorklistQuery(priority="stat", limit=20))
         oldest = worklist_page(session, WorklistQuery(order="oldest", limit=3))
     assert seen == [tuple(r) for r in newest]
     assert len(stat.rows) == 20 and {r.priority for r in stat.rows} == {"stat"}
-    assert [r.study_instance_uid.rsplit(".", 1)[1] for r in oldest.rows] == ["0", "1", "2"]
+    assert {r.priority for r in seen_rows} == {"stat"}  # 10,000 STAT studies come first
+    assert [r.study_instance_uid.rsplit(".", 1)[1] for r in oldest.rows] == ["0", "10", "20"]
 
 
 def test_the_page_query_is_an_index_range_scan(big: tuple[Settings, Catalog]) -> None:
     _, catalog = big
     with catalog.engine.connect() as connection:
-        for where in ("", "WHERE state = 'analysed' AND "):
+        for where in (
+            "",
+            "WHERE state = 'analysed' AND ",
+            # The two groups of a page: STAT studies first, then the others.
+            "WHERE priority = 'stat' AND ",
+            "WHERE (priority IS NULL OR priority != 'stat') AND ",
+            "WHERE (priority IS NULL OR priority != 'stat') AND state = 'analysed' AND ",
+        ):
             condition = f"{where or 'WHERE '}(received_at, id) < ('2026-01-01 10:00:00', 500)"
             plan = " ".join(
                 str(row[-1])

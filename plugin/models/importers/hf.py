@@ -40,12 +40,46 @@ class HfImport:
 
 
 class _ImageFeatures(nn.Module):
-    def __init__(self, model: Any) -> None:
+    """The image embeddings and, from the same forward pass, the patch tokens in the joint
+    space (:func:`clip_patch_tokens`, :func:`siglip_patch_tokens`)."""
+
+    def __init__(self, model: Any, kind: str) -> None:
         super().__init__()
         self.model = model
+        self.kind = kind
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixel_values=pixel_values))
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # What get_image_features does, written out so that the last hidden state stays at
+        # hand (transformers 4 returns only the pooled features from get_image_features).
+        output = self.model.vision_model(pixel_values=pixel_values)
+        hidden = output.last_hidden_state
+        if self.kind == "clip":
+            pooled = self.model.visual_projection(output.pooler_output)
+            return pooled, clip_patch_tokens(self.model, hidden)
+        return output.pooler_output, siglip_patch_tokens(self.model, hidden)
+
+
+def clip_patch_tokens(model: Any, last_hidden_state: torch.Tensor) -> torch.Tensor:
+    """CLIP's patch tokens in the joint space: the last layer's tokens without the class
+    token, through ``post_layernorm`` and ``visual_projection``, the two steps that make the
+    class token the image embedding."""
+    tokens = model.vision_model.post_layernorm(last_hidden_state[:, 1:])
+    return model.visual_projection(tokens)  # type: ignore[no-any-return]
+
+
+def siglip_patch_tokens(model: Any, last_hidden_state: torch.Tensor) -> torch.Tensor:
+    """SigLIP's patch tokens in the joint space: its attention-pooling head applied to each
+    token on its own.
+
+    SigLIP has no class token: the embedding is the head's probe attending over every token
+    (already through ``post_layernorm``), then the head's layer norm and MLP. Given a single
+    token the attention weight is 1, so the head maps that token exactly as it would map an
+    image made of that token alone: ``out_proj(v_proj(x))`` plus the MLP's residual branch.
+    Run as one batch of N * P one-token sequences through the head's own modules.
+    """
+    n, count, width = last_hidden_state.shape
+    single = last_hidden_state.reshape(n * count, 1, width)
+    return model.vision_model.head(single).reshape(n, count, -1)  # type: ignore[no-any-return]
 
 
 class _TextFeatures(nn.Module):
@@ -127,17 +161,20 @@ def hf_towers(model: Any, kind: str, source: str) -> TorchTowers:
     """Describe a loaded CLIPModel or SiglipModel for the ONNX exporter."""
     text_config, vision_config = model.config.text_config, model.config.vision_config
     siglip = kind == "siglip"
+    image_size = int(vision_config.image_size)
+    side = image_size // int(vision_config.patch_size)
     return TorchTowers(
-        image=_ImageFeatures(model),
+        image=_ImageFeatures(model, kind),
         # SigLIP was trained on sequences padded to max_position_embeddings with no mask.
         text=_TextFeatures(model, uses_mask=not siglip),
         embedding_dim=_embedding_dim(model, kind),
-        image_size=int(vision_config.image_size),
+        image_size=image_size,
         logit_scale=float(math.exp(float(model.logit_scale.detach()))),
         max_length=int(text_config.max_position_embeddings),
         text_uses_mask=not siglip,
         text_length=int(text_config.max_position_embeddings) if siglip else None,
         source=source,
+        patch_grid=(side, side),
     )
 
 

@@ -52,6 +52,8 @@ class OnnxImport:
     model_card: ModelCard = IMPORTED_MODEL_CARD
     text_max_length: int = 77  # tokens the text tower was trained on (CLIP 77)
     text_cleaning: TextCleaning = "none"  # text_encoder.cleaning: tokenizer.json's input
+    # (rows, columns) of the tower's patch_embeds, when it has them (manifest patch_grid).
+    patch_grid: tuple[int, int] | None = None
 
 
 def build_onnx_bundle(spec: OnnxImport, dest: Path, threads: int | None = 1) -> Bundle:
@@ -79,6 +81,7 @@ def build_onnx_bundle(spec: OnnxImport, dest: Path, threads: int | None = 1) -> 
         "files": files,
         "text_encoder": text,
         "model_card": spec.model_card,
+        **({"patch_grid": list(spec.patch_grid)} if spec.patch_grid is not None else {}),
         # findings, priority and logit_scale; without a prompts file the defaults apply
         **(spec.prompts.model_dump() if spec.prompts is not None else {}),
     }
@@ -126,4 +129,9 @@ def _smoke_test_image(bundle: Bundle, threads: int | None) -> None:
     encoder = ImageEncoder(bundle, threads=threads)
     # Two images exercise the batch axis: a dynamic one, or the padding the encoder does
     # for a tower exported with a fixed batch size.
-    encoder.encode(np.zeros((2, *encoder.input_shape), dtype=np.float32))
+    pixels = np.zeros((2, *encoder.input_shape), dtype=np.float32)
+    if encoder.has_patch_embeddings:
+        # Checks the token count against the declared (or square) grid, here at import.
+        encoder.patch_grid(encoder.encode_with_patches(pixels)[1].shape[1])
+    else:
+        encoder.encode(pixels)

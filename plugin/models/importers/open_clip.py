@@ -223,9 +223,11 @@ def open_clip_towers(
     if "visual.trunk.cls_token" in state:
         image: nn.Module = _timm_image_tower(state, config)
         _load(image, state, "visual.", used, problems)
+        patch = int(state["visual.trunk.patch_embed.proj.weight"].shape[-1])
     elif "visual.conv1.weight" in state:
         image = _openai_image_tower(state, config, gelu)
         _load(image, state, "visual.", used, problems)
+        patch = int(state["visual.conv1.weight"].shape[-1])
     else:
         raise _unknown_layout(state, config, "image")
     text_uses_mask = "text.transformer.embeddings.word_embeddings.weight" in state
@@ -258,6 +260,7 @@ def open_clip_towers(
         max_length=int(config.text.get("context_length", 77)),
         text_uses_mask=text_uses_mask,
         source=source,
+        patch_grid=(config.image_size // patch, config.image_size // patch),
     )
 
 

@@ -12,6 +12,13 @@ so open_clip, timm and torchvision are never imported. Two layouts:
   transformers model wrapped by :class:`HFTextTower`.
 
 Attention is written out with plain tensor operations, which export to ONNX on every opset.
+
+The image towers return the image embedding and the patch tokens of the same pass, in the
+joint space: every token but the class token through the steps that turn the pooled token into
+the embedding. For the OpenAI layout that is ``ln_post`` and ``proj`` (open_clip's
+``VisionTransformer(output_tokens=True)`` returns the tokens after ``ln_post`` but before
+``proj``, which would leave them outside the text embeddings' space); for the timm layout the
+trunk's final ``norm`` and open_clip's ``head`` (linear, or the MLP applied token by token).
 """
 
 from __future__ import annotations
@@ -139,7 +146,8 @@ class OpenAIVisionTower(nn.Module):
         self.pool = pool
         self.final_ln_after_pool = final_ln_after_pool
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image embedding [N, D] and the patch tokens [N, P, D] in the joint space."""
         x = self.conv1(pixel_values).flatten(2).transpose(1, 2)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding
@@ -147,9 +155,11 @@ class OpenAIVisionTower(nn.Module):
         if not self.final_ln_after_pool:
             x = self.ln_post(x)
         pooled = x[:, 0] if self.pool == "tok" else x[:, 1:].mean(dim=1)
+        tokens = x[:, 1:]
         if self.final_ln_after_pool:
-            pooled = self.ln_post(pooled)
-        return torch.matmul(pooled, self.proj)
+            # ln_post normalises the pooled feature only; each token gets it the same way.
+            pooled, tokens = self.ln_post(pooled), self.ln_post(tokens)
+        return torch.matmul(pooled, self.proj), torch.matmul(tokens, self.proj)
 
 
 class OpenAITextTower(nn.Module):
@@ -272,11 +282,15 @@ class TimmViT(nn.Module):
         self.pool = pool
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Every token after the final norm [N, 1 + P, W], the class token first."""
         x = self.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        return self.norm(x)  # type: ignore[no-any-return]
+
+    def pool_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled feature of ``forward``'s tokens (class token or mean of the patches)."""
         pooled: torch.Tensor = x[:, 0] if self.pool == "tok" else x[:, 1:].mean(dim=1)
         return pooled
 
@@ -289,8 +303,10 @@ class TimmImageTower(nn.Module):
         self.trunk = trunk
         self.head = head
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(pixel_values))  # type: ignore[no-any-return]
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image embedding [N, D] and the patch tokens [N, P, D] in the joint space."""
+        tokens = self.trunk(pixel_values)
+        return self.head(self.trunk.pool_tokens(tokens)), self.head(tokens[:, 1:])
 
 
 def timm_head(kind: str, width: int, output_dim: int, bias: bool) -> nn.Sequential:

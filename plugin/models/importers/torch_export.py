@@ -30,6 +30,7 @@ from plugin.models.runtime import (
     ATTENTION_MASK,
     IMAGE_EMBEDS,
     INPUT_IDS,
+    PATCH_EMBEDS,
     PIXEL_VALUES,
     TEXT_EMBEDS,
 )
@@ -46,7 +47,10 @@ class TorchTowers:
 
     ``image(pixel_values)`` and ``text(input_ids[, attention_mask])`` return embeddings [N, D]
     before L2 normalisation; ``text_length`` fixes the token sequence length for towers trained
-    on padded sequences only (SigLIP), else it is dynamic up to ``max_length``.
+    on padded sequences only (SigLIP), else it is dynamic up to ``max_length``. With
+    ``patch_grid`` (rows, columns), ``image`` returns a pair: the embeddings and the patch tokens
+    [N, rows * columns, D] in the same joint space (row-major, no class token), exported as
+    ``patch_embeds``.
     """
 
     image: nn.Module
@@ -58,6 +62,7 @@ class TorchTowers:
     text_uses_mask: bool = True
     text_length: int | None = None
     source: str = "a PyTorch model"  # what the model card says it was imported from
+    patch_grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,16 +88,35 @@ class _Normalized(nn.Module):
         return nn.functional.normalize(self.tower(*inputs), dim=-1)
 
 
+class _NormalizedWithPatches(nn.Module):
+    """The image embeddings normalised; the patch tokens as they are (the runtime contract:
+    ``patch_embeds`` are not normalised, so folding a linear adapter into them stays exact)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, patches = self.tower(pixel_values)
+        return nn.functional.normalize(embeds, dim=-1), patches
+
+
 def export_image_tower(towers: TorchTowers, path: Path) -> None:
-    """``pixel_values`` float32 [N, 3, S, S] -> ``image_embeds`` [N, D], batch axis dynamic."""
+    """``pixel_values`` float32 [N, 3, S, S] -> ``image_embeds`` [N, D] (and ``patch_embeds``
+    [N, P, D] when the towers have a patch grid), batch axis dynamic."""
     dummy = torch.zeros(2, 3, towers.image_size, towers.image_size)
+    dynamic = {PIXEL_VALUES: {0: "batch"}, IMAGE_EMBEDS: {0: "batch"}}
+    if towers.patch_grid is None:
+        _export(_Normalized(towers.image), (dummy,), path, [PIXEL_VALUES], [IMAGE_EMBEDS], dynamic)
+        return
+    dynamic[PATCH_EMBEDS] = {0: "batch"}
     _export(
-        _Normalized(towers.image),
+        _NormalizedWithPatches(towers.image),
         (dummy,),
         path,
         [PIXEL_VALUES],
-        IMAGE_EMBEDS,
-        {PIXEL_VALUES: {0: "batch"}, IMAGE_EMBEDS: {0: "batch"}},
+        [IMAGE_EMBEDS, PATCH_EMBEDS],
+        dynamic,
     )
 
 
@@ -109,7 +133,7 @@ def export_text_tower(towers: TorchTowers, path: Path) -> None:
         inputs += (torch.ones(2, length, dtype=torch.int64),)
         names.append(ATTENTION_MASK)
         dynamic[ATTENTION_MASK] = axes
-    _export(_Normalized(towers.text), inputs, path, names, TEXT_EMBEDS, dynamic)
+    _export(_Normalized(towers.text), inputs, path, names, [TEXT_EMBEDS], dynamic)
 
 
 def _export(
@@ -117,7 +141,7 @@ def _export(
     inputs: tuple[torch.Tensor, ...],
     path: Path,
     input_names: list[str],
-    output_name: str,
+    output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
 ) -> None:
     module.eval()
@@ -133,13 +157,13 @@ def _export(
                 inputs,
                 str(path),
                 input_names=input_names,
-                output_names=[output_name],
+                output_names=output_names,
                 dynamic_axes=dynamic_axes,
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
     except Exception as exc:  # the exporter raises many unrelated exception types
-        raise BundleError(f"exporting {output_name} to ONNX failed: {exc}") from exc
+        raise BundleError(f"exporting {', '.join(output_names)} to ONNX failed: {exc}") from exc
 
 
 def imported_model_card(source: str) -> ModelCard:
@@ -177,6 +201,7 @@ def build_torch_bundle(
             model_card=imported_model_card(towers.source),
             text_max_length=towers.text_length or towers.max_length,
             text_cleaning=spec.text_cleaning,
+            patch_grid=towers.patch_grid,
         )
         bundle = build_onnx_bundle(onnx_spec, dest, threads=threads)
     logger.info("imported %s from %s", bundle.ref, towers.source)

@@ -1,0 +1,196 @@
+"""DICOM Segmentation of one analysed image: one BINARY segment per present finding.
+
+Viewers with SEG support (OHIF, 3D Slicer, most PACS viewers of the last years) draw each
+segment as a coloured label map they can toggle, name and measure; the secondary-capture
+overlay stays for those without. The segments are the regions the SR's measurement groups
+outline, filled, with the same tracking identifier and UID, so a viewer can link them.
+Pure code: a dataset and a result in, a highdicom object out.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Final
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from matplotlib.path import Path as PolygonPath
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DA, TM
+
+from plugin.results.overlay import patient_orientation
+from plugin.results.source_header import with_type2_present
+from plugin.results.sr import finding_concept
+from plugin.results.study_result import FindingResult, Outline, ResultBuildError, StudyResult
+from plugin.results.uids import (
+    person_name_warnings_suppressed,
+    stamp_instance_creation,
+    tracking_uid,
+)
+
+# CID 7150 Segmentation Property Categories: devices are physical objects, the rest of
+# what the models find is abnormal morphology.
+ABNORMAL_STRUCTURE: Final = codes.cid7150.MorphologicallyAbnormalStructure  # SCT 49755003
+PHYSICAL_OBJECT: Final = codes.cid7150.PhysicalObject  # SCT 260787004
+_DEVICE_WORDS: Final = ("device", "catheter", "tube", "line", "wire", "pacemaker")
+# Recommended display colours, one per segment in turn: distinct, none near grey.
+SEGMENT_COLOURS: Final = ("orange", "turquoise", "magenta", "yellow", "lime", "dodgerblue")
+# Segment Label is LO (64 characters).
+_LO_MAX: Final = 64
+
+
+def segmented_findings(result: StudyResult, source: Dataset) -> list[FindingResult]:
+    """The present findings with a region on `source`: the segments its SEG would have."""
+    uid = str(source.SOPInstanceUID)
+    return [f for f in result.findings if f.source_sop_instance_uid == uid and f.shown_regions]
+
+
+def build_segmentation(
+    source: Dataset,
+    result: StudyResult,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    instance_number: int,
+    content_datetime: datetime.datetime,
+) -> hd.seg.Segmentation:
+    """The BINARY SEG of `source` with one segment per present finding outlined on it.
+
+    Raises ResultBuildError when no finding has a region on `source` (an empty SEG is
+    never made) or when `source` is not a single-frame image.
+    """
+    findings = segmented_findings(result, source)
+    if not findings:
+        raise ResultBuildError("no present finding has a region on this image: no SEG to build")
+    if int(source.get("NumberOfFrames", 1) or 1) != 1:
+        raise ResultBuildError("a SEG is built for single-frame images only")
+    shape = (int(source.Rows), int(source.Columns))
+    masks = np.stack([fill_outlines(f.shown_regions, shape) for f in findings], axis=-1)
+    study_uid = str(source.StudyInstanceUID)
+    algorithm = result.algorithm
+    family = hd.AlgorithmIdentificationSequence(
+        name=algorithm.name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=algorithm.version,
+        source=algorithm.manufacturer,
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=finding.display[:_LO_MAX],
+            segmented_property_category=_category(finding),
+            segmented_property_type=finding_concept(finding),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=family,
+            tracking_uid=tracking_uid(study_uid, algorithm, finding.name),
+            tracking_id=finding.name,
+            display_color=hd.color.CIELabColor.from_string(
+                SEGMENT_COLOURS[(number - 1) % len(SEGMENT_COLOURS)]
+            ),
+        )
+        for number, finding in enumerate(findings, start=1)
+    ]
+    with person_name_warnings_suppressed():
+        seg = hd.seg.Segmentation(
+            source_images=[with_type2_present(source)],
+            pixel_array=masks[np.newaxis],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=algorithm.manufacturer,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            device_serial_number=algorithm.version,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=algorithm.series_description("SEG"),
+            content_label="FINDINGS",
+            content_description="; ".join(algorithm.disclaimers())[:_LO_MAX],
+            pixel_measures=_pixel_measures(source),
+            # A finding's region is never empty; keep every frame so segment n is frame n.
+            omit_empty_frames=False,
+        )
+    # General Image's Patient Orientation (type 2C for images without a frame of reference):
+    # the source's directions, which a derived mask of the same grid shares.
+    seg.PatientOrientation = list(patient_orientation(source) or [])
+    if "FrameOfReferenceUID" not in source:
+        _add_plane_geometry(seg)
+    # highdicom draws a random Dimension Organization UID; one derived from the SEG's own UID
+    # keeps a rebuilt SEG byte-identical (a redelivered task must not make a different one).
+    dimensions = generate_uid(entropy_srcs=[sop_uid, "dimension-organization"])
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimensions
+    seg.ContentDate = DA(content_datetime.date())
+    seg.ContentTime = TM(content_datetime.time())
+    stamp_instance_creation(seg, content_datetime)
+    return seg
+
+
+def fill_outlines(outlines: Sequence[Outline], shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """The pixels of an image [rows, cols] whose centres lie inside the closed outlines.
+
+    Outlines are in DICOM image coordinates ((0, 0) the top-left pixel's top-left corner),
+    so pixel (row, col) has its centre at (col + 0.5, row + 0.5); an outline along pixel
+    edges fills exactly the pixels it encloses.
+    """
+    mask = np.zeros(shape, dtype=bool)
+    for outline in outlines:
+        points = np.asarray(outline, dtype=np.float64)
+        # Only the outline's bounding box is tested: regions are small beside a radiograph.
+        col0, row0 = (max(0, int(np.floor(v))) for v in points.min(axis=0))
+        col1 = min(shape[1], int(np.ceil(points[:, 0].max())))
+        row1 = min(shape[0], int(np.ceil(points[:, 1].max())))
+        if col1 <= col0 or row1 <= row0:
+            continue
+        cols, rows = np.meshgrid(np.arange(col0, col1) + 0.5, np.arange(row0, row1) + 0.5)
+        centres = np.column_stack([cols.ravel(), rows.ravel()])
+        inside = PolygonPath(points).contains_points(centres).reshape(cols.shape)
+        mask[row0:row1, col0:col1] |= inside
+    return mask
+
+
+def _add_plane_geometry(seg: hd.seg.Segmentation) -> None:
+    """Plane orientation and positions for a SEG of an image without patient geometry.
+
+    A projection radiograph or secondary capture has no frame of reference, and highdicom
+    writes no plane geometry for it; cornerstone3D's SEG loader (OHIF) reads both for every
+    SEG and fails without them. The identity orientation and an origin position describe
+    the source's own pixel grid, which is all a projection image has.
+    """
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        position = Dataset()
+        position.ImagePositionPatient = [0, 0, 0]
+        frame.PlanePositionSequence = [position]
+
+
+def _pixel_measures(source: Dataset) -> hd.PixelMeasuresSequence:
+    """The source's pixel spacing (Pixel Spacing, else a radiograph's Imager Pixel Spacing).
+
+    Without either (or with zeros), 1 mm is written: the SEG needs a non-zero value, and a
+    viewer that measured on the source would have no calibration there either.
+    """
+    spacing = (1.0, 1.0)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        given = [float(v) for v in source.get(keyword) or []]
+        # Some modalities write 0\0 for "unknown".
+        if len(given) == 2 and min(given) > 0:
+            spacing = (given[0], given[1])
+            break
+    thickness = float(source.get("SliceThickness") or 0) or 1.0
+    return hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness)
+
+
+def _category(finding: FindingResult) -> hd.sr.CodedConcept:
+    name = finding.name.lower()
+    code = PHYSICAL_OBJECT if any(word in name for word in _DEVICE_WORDS) else ABNORMAL_STRUCTURE
+    return hd.sr.CodedConcept.from_code(code)
