@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, called AE title not recognised.
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 # A-ASSOCIATE-RJ: rejected-transient, by the service provider, local limit exceeded.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
@@ -87,16 +89,30 @@ def handle_association_request(
             calling,
             limit.maximum,
         )
-        event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
-        event.assoc.kill()
+        _reject(event, REJECT_LOCAL_LIMIT)
         return
     if not policy.allows(calling, peer.host or ""):
         logger.warning("rejected association from calling AE %s at %s", calling, peer.host)
-        event.assoc.acse.send_reject(*REJECT_CALLING_AE)
-        # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is
-        # on the wire before the server closes the socket.
-        event.assoc.kill()
+        _reject(event, REJECT_CALLING_AE)
         sink.put(AssociationRejected(peer))
+        return
+    called = primitive.called_ae_title.strip()
+    if not policy.recognises_called(called):
+        logger.warning(
+            "rejected association from calling AE %s at %s: called AE title %s is not ours",
+            calling,
+            peer.host,
+            called,
+        )
+        _reject(event, REJECT_CALLED_AE)
+        sink.put(AssociationRejected(peer, detail=f"called AE title {called!r} not ours"))
+
+
+def _reject(event: events.Event, reason: tuple[int, int, int]) -> None:
+    event.assoc.acse.send_reject(*reason)
+    # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ is
+    # on the wire before the server closes the socket.
+    event.assoc.kill()
 
 
 def handle_connection_open(event: events.Event, limit: AssociationLimit) -> None:

@@ -30,6 +30,7 @@ class AssociationClosed:
 @dataclass(frozen=True)
 class AssociationRejected:
     peer: Peer
+    detail: str = "calling AE not allowed"
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,4 @@ def _audit(session: Session, event: ObjectQuarantined | StoreFailed | Associatio
             detail=event.detail,
         )
     else:
-        repository.audit(
-            session, "association_rejected", event.peer, detail="calling AE not allowed"
-        )
+        repository.audit(session, "association_rejected", event.peer, detail=event.detail)

@@ -6,16 +6,19 @@ import hashlib
 import logging
 import multiprocessing
 import queue
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from itertools import islice
 
 from pydicom import dcmread
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.celery_publisher import CeleryPublisher
 from dicom_node.completion import CompletionMonitor, CompletionReason, CompletionTracker
@@ -24,17 +27,25 @@ from dicom_node.intake_recorder import MAX_BATCH, IntakeRecorder
 from dicom_node.object_checks import InvalidObject, inspect_dataset
 from dicom_node.publish import CompletionPublisher, LoggingPublisher, StudyCompleted
 from dicom_node.receiver_processes import ReceiverProcesses
-from dicom_node.receiving import ReusePortAssociationServer, drain, reserve_port, start_receiving
+from dicom_node.receiving import (
+    ReusePortAssociationServer,
+    dicom_port_speaks_tls,
+    drain,
+    reserve_port,
+    start_receiving,
+)
 from dicom_node.routing import RoutingInput, RuleSet, default_rules, load_rules
 from dicom_node.scu import AssociationFailed, QueryFailed, query_study_instance_count
 from dicom_node.security import CallerPolicy
 from dicom_node.spool import Spool
 from dicom_node.stop_signal import StopSignal
 from plugin.catalog import repository
-from plugin.catalog.db import Catalog, open_catalog
+from plugin.catalog.db import Catalog, open_catalog, ping
 from plugin.catalog.records import Peer
 from plugin.catalog.writer import CatalogWriter
 from plugin.metrics import PacsclipMetrics, Stage
+from plugin.probes import Health, ProbeServer
+from plugin.retention import RetentionMetrics, RetentionSchedule
 from plugin.settings import Settings
 from plugin.study_state import StudyState
 from plugin.task_queue import make_celery
@@ -106,15 +117,23 @@ class DicomNode:
         self._recording = threading.Thread(
             target=self.recorder.run, args=(self._recording_stop,), name="intake-recorder"
         )
-        self.policy = CallerPolicy(tuple(settings.allowed_callers))
+        self.policy = CallerPolicy.from_settings(settings)
         self.server: ReusePortAssociationServer | None = None
+        # With dicom_tls_port: the TLS server beside the plain one (in process only).
+        self.tls_server: ReusePortAssociationServer | None = None
         self._port: int | None = None
+        self._tls_port: int | None = None
 
     @property
     def port(self) -> int:
         if self._port is None:
             raise RuntimeError("the node is not running")
         return self._port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The port that speaks TLS beside the plain one (``dicom_tls_port``), else None."""
+        return self._tls_port
 
     def start(self) -> None:
         if self.policy.open_to_all:
@@ -131,49 +150,80 @@ class DicomNode:
             self.stop()
             raise
         logger.info(
-            "DICOM node %s listening on %s:%d%s (%s)",
+            "DICOM node %s listening on %s:%d%s%s (%s)",
             self.settings.ae_title,
             self.settings.dicom_host,
             self.port,
-            " (TLS)" if self.settings.tls_enabled else "",
+            " (TLS)" if dicom_port_speaks_tls(self.settings) else "",
+            f" and {self.tls_port} (TLS)" if self.tls_port is not None else "",
             f"{self.receivers.count} receiver processes" if self.receivers else "in process",
         )
 
     def _listen(self) -> int:
         host, port = self.settings.dicom_host, self.settings.dicom_port
+        tls_port = self.settings.dicom_tls_port
         if self.receivers is None:
             assert self.events is not None
+            open_connections = multiprocessing.Value("i", 0)  # one cap for both ports
             self.server = start_receiving(
                 self.settings,
                 self.events,
                 port=port,
-                open_connections=multiprocessing.Value("i", 0),
+                open_connections=open_connections,
+                tls=dicom_port_speaks_tls(self.settings),
             )
+            if tls_port is not None:
+                self.tls_server = start_receiving(
+                    self.settings,
+                    self.events,
+                    port=tls_port,
+                    open_connections=open_connections,
+                    tls=True,
+                )
+                self._tls_port = int(self.tls_server.server_address[1])
             return int(self.server.server_address[1])
         # Port 0 becomes one number, held until every receiver process listens on it.
-        with reserve_port(host, port) as reservation:
-            port = int(reservation.getsockname()[1])
-            self.receivers.start(port)
+        with ExitStack() as reservations:
+            port = _reserved(reservations.enter_context(reserve_port(host, port)))
+            if tls_port is not None:
+                self._tls_port = _reserved(reservations.enter_context(reserve_port(host, tls_port)))
+            self.receivers.start(port, self._tls_port)
         return port
 
     def healthy(self) -> bool:
         """False when a receiver process has died."""
         return self.receivers is None or self.receivers.alive()
 
+    def health(self) -> Health:
+        """Ready when it listens, its receivers live and its catalog answers (``/health``)."""
+        if self._port is None:
+            return Health(False, "not listening (starting or stopping)")
+        if not self.healthy():
+            return Health(False, "a receiver process died")
+        try:
+            with self.sessions() as session:
+                ping(session)
+        except SQLAlchemyError as exc:
+            return Health(False, f"catalog unreachable: {type(exc).__name__}")
+        return Health(True, f"listening on port {self._port}")
+
     def stop(self) -> None:
         """Stop accepting, let open associations finish, catalog what they sent, then stop
         completing studies."""
         if self.receivers is not None:
             self.receivers.stop()
-        if self.server is not None:
-            drain(self.server, self.settings.drain_timeout_s)
-            self.server = None
+        servers = [s for s in (self.server, self.tls_server) if s is not None]
+        for server in servers:  # stop accepting on every port before waiting for any
+            server.shutdown()
+        for server in servers:
+            drain(server, self.settings.drain_timeout_s)
+        self.server = self.tls_server = None
         self._recording_stop.set()
         if self._recording.is_alive():
             self._recording.join(timeout=self.settings.drain_timeout_s)
         self.monitor.stop()
         self._queries.shutdown(wait=True, cancel_futures=True)
-        self._port = None
+        self._port = self._tls_port = None
 
     def recover(self) -> None:
         """After a restart: drop unacknowledged temp files, catalog spooled files the
@@ -329,7 +379,24 @@ def main(
     publisher.connect()
     node = DicomNode(settings, catalog, publisher=publisher, metrics=metrics)
     stopping = StopSignal().install()
-    node.start()
+    probes = None
+    if settings.node_metrics_port is not None:
+        # Up before the node listens, so that a probe sees why it is not ready yet.
+        probes = ProbeServer(
+            settings.node_metrics_host,
+            settings.node_metrics_port,
+            node.metrics.registry,
+            node.health,
+        ).start()
+    try:
+        node.start()
+    except BaseException:
+        if probes is not None:
+            probes.stop()
+        raise
+    # Retention (when configured) deletes on its own thread, never in the receiving path.
+    retention = RetentionSchedule(settings, catalog, RetentionMetrics(node.metrics.registry))
+    retention.start()
     failed = False
     try:
         while not stopping.received:
@@ -343,10 +410,17 @@ def main(
             if on_signal is not None:
                 on_signal()
     finally:
+        retention.stop()
         node.stop()
+        if probes is not None:
+            probes.stop()
         logger.info("DICOM node stopped")
     if failed:
         sys.exit(1)
+
+
+def _reserved(reservation: socket.socket) -> int:
+    return int(reservation.getsockname()[1])
 
 
 def _chunks(items: Iterable[IntakeEvent], size: int) -> Iterator[list[IntakeEvent]]:

@@ -18,7 +18,7 @@ from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 from dicom_node.intake_events import IntakeEvent
-from dicom_node.receiving import drain, start_receiving
+from dicom_node.receiving import dicom_port_speaks_tls, drain, start_receiving
 from dicom_node.stop_signal import StopSignal
 from plugin.logs import configure_logging
 from plugin.settings import Settings
@@ -40,6 +40,7 @@ def _die_with_parent() -> None:
 def receiver_main(
     settings_values: dict[str, Any],
     port: int,
+    tls_port: int | None,
     open_connections: Synchronized[int],
     events: Queue[IntakeEvent],
     ready: multiprocessing.synchronize.Event,
@@ -54,11 +55,28 @@ def receiver_main(
     # The node coordinates shutdown: Ctrl-C reaches the whole process group; SIGTERM may come
     # from a supervisor, to this process alone or with the node.
     terminated = StopSignal().install(sigint=False)
-    server = start_receiving(settings, events, port=port, open_connections=open_connections)
+    servers = [
+        start_receiving(
+            settings,
+            events,
+            port=port,
+            open_connections=open_connections,
+            tls=dicom_port_speaks_tls(settings),
+        )
+    ]
+    if tls_port is not None:
+        servers.append(
+            start_receiving(
+                settings, events, port=tls_port, open_connections=open_connections, tls=True
+            )
+        )
     ready.set()
     while not terminated.received and not stop.wait(STOP_POLL_S):
         pass
-    drain(server, drain_timeout_s)
+    for server in servers:  # stop accepting on every port before waiting for any
+        server.shutdown()
+    for server in servers:
+        drain(server, drain_timeout_s)
     events.close()
     events.join_thread()  # every event is handed to the node before the process ends
 
@@ -75,7 +93,8 @@ class ReceiverProcesses:
         self._stop = self._context.Event()
         self._processes: list[SpawnProcess] = []
 
-    def start(self, port: int) -> None:
+    def start(self, port: int, tls_port: int | None = None) -> None:
+        """Every process listens on ``port`` (and on ``tls_port``, with TLS, when given)."""
         readies = []
         for n in range(self.count):
             ready = self._context.Event()
@@ -84,6 +103,7 @@ class ReceiverProcesses:
                 args=(
                     self.settings.model_dump(),
                     port,
+                    tls_port,
                     self.open_connections,
                     self.events,
                     ready,

@@ -46,10 +46,21 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
         self.server_close()
 
 
+def dicom_port_speaks_tls(settings: Settings) -> bool:
+    """``dicom_port`` speaks TLS when TLS is configured and no ``dicom_tls_port`` takes it."""
+    return settings.tls_enabled and settings.dicom_tls_port is None
+
+
 def start_receiving(
-    settings: Settings, sink: EventSink, *, port: int, open_connections: Synchronized[int]
+    settings: Settings,
+    sink: EventSink,
+    *,
+    port: int,
+    open_connections: Synchronized[int],
+    tls: bool,
 ) -> ReusePortAssociationServer:
-    """Listen on ``(settings.dicom_host, port)``; returns once the socket listens.
+    """Listen on ``(settings.dicom_host, port)``, with DICOM TLS when ``tls``; returns once the
+    socket listens.
 
     ``open_connections`` counts the connections of every receiver of the node, for the cap
     on concurrent associations."""
@@ -65,13 +76,13 @@ def start_receiving(
     )
     ae = build_ae(settings)
     limit = AssociationLimit(settings.max_associations, open_connections)
-    policy = CallerPolicy(tuple(settings.allowed_callers))
+    policy = CallerPolicy.from_settings(settings)
     server = cast(
         ReusePortAssociationServer,
         ae.make_server(
             (settings.dicom_host, port),
             evt_handlers=store_handlers(receiver, policy, limit, sink),
-            ssl_context=server_ssl_context(settings),
+            ssl_context=server_ssl_context(settings) if tls else None,
             server_class=ReusePortAssociationServer,
         ),
     )

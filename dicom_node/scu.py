@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from pydicom import Dataset
 from pynetdicom import AE
@@ -27,14 +28,27 @@ class QueryFailed(Exception):
     """The peer accepted the association but the query did not succeed."""
 
 
-def echo(peer: DicomPeer, *, calling_ae_title: str, timeout_s: float = 10) -> int:
-    """C-ECHO the peer; returns the DIMSE status (0x0000 is success)."""
+def echo(
+    peer: DicomPeer,
+    *,
+    calling_ae_title: str,
+    timeout_s: float = 10,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> int:
+    """C-ECHO the peer, over TLS when ``tls`` is given (the peer's certificate checked against
+    ``server_name``, default its host); returns the DIMSE status (0x0000 is success)."""
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    ae.connection_timeout = timeout_s
+    tls_args = None if tls is None else (tls, server_name or peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        raise AssociationFailed(f"{peer.ae_title}@{peer.host}:{peer.port} refused the association")
+        how = " (or the TLS handshake failed)" if tls is not None else ""
+        raise AssociationFailed(
+            f"{peer.ae_title}@{peer.host}:{peer.port} refused the association{how}"
+        )
     try:
         response = assoc.send_c_echo()
         return int(response.Status) if "Status" in response else -1

@@ -12,7 +12,15 @@ from plugin.settings import CallerRule, Settings
 
 @dataclass(frozen=True)
 class CallerPolicy:
+    """``called_ae_title``: the AE title callers must address, or None to accept any."""
+
     rules: tuple[CallerRule, ...]
+    called_ae_title: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CallerPolicy:
+        called = settings.ae_title if settings.check_called_ae_title else None
+        return cls(tuple(settings.allowed_callers), called)
 
     @property
     def open_to_all(self) -> bool:
@@ -20,6 +28,9 @@ class CallerPolicy:
 
     def allows(self, ae_title: str, host: str) -> bool:
         return self.open_to_all or any(rule.allows(ae_title, host) for rule in self.rules)
+
+    def recognises_called(self, ae_title: str) -> bool:
+        return self.called_ae_title is None or ae_title == self.called_ae_title
 
 
 class DeferredHandshakeContext(ssl.SSLContext):

@@ -109,6 +109,7 @@ class StudyAnalyser:
             name=model.bundle.name,
             version=model.bundle.version,
             synthetic=model.bundle.is_synthetic,
+            not_for_clinical_use=model.bundle.not_for_clinical_use,
         )
 
     def warm_up(self) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 
-from plugin.disclaimers import NOT_FOR_DIAGNOSIS
+from plugin.disclaimers import NOT_FOR_CLINICAL_USE, NOT_FOR_DIAGNOSIS
 from plugin.imaging import ImageSpec, display_array, model_input, pool_scores, select_images
 from plugin.models.bundle import SYNTHETIC_NOTICE, Bundle
 from plugin.models.runtime import ImageEncoder, PromptEmbeddings
@@ -103,10 +103,16 @@ class TriageReport:
     # decode them again, and seconds per step (decode, inference, saliency).
     displays: dict[str, NDArray[np.float32]] = field(default_factory=dict, repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    # The bundle's model card says not for clinical use (the synthetic demo's says so too).
+    not_for_clinical_use: bool = False
 
     @property
     def notices(self) -> list[str]:
-        return [AI_NOTICE, *([SYNTHETIC_NOTICE] if self.synthetic else [])]
+        if self.synthetic:
+            return [AI_NOTICE, SYNTHETIC_NOTICE]
+        if self.not_for_clinical_use:
+            return [AI_NOTICE, NOT_FOR_CLINICAL_USE]
+        return [AI_NOTICE]
 
     @property
     def scored(self) -> bool:
@@ -331,6 +337,7 @@ class TriageModel:
             algorithm_name=self.bundle.name,
             algorithm_version=self.bundle.version,
             synthetic=self.bundle.is_synthetic,
+            not_for_clinical_use=self.bundle.not_for_clinical_use,
             findings=findings,
             priority=priority,
             triggered_by=triggered,
@@ -377,6 +384,7 @@ class TriageModel:
             algorithm_name=self.bundle.name,
             algorithm_version=self.bundle.version,
             synthetic=self.bundle.is_synthetic,
+            not_for_clinical_use=self.bundle.not_for_clinical_use,
             findings=[],
             priority=NOT_SCORED,
             triggered_by=[],

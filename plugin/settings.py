@@ -80,6 +80,11 @@ class DestinationConfig(BaseModel):
         return self
 
 
+# What the free-disk floor of retention may delete (plugin.retention).
+DiskKind = Literal["spool", "results", "quarantine", "cache"]
+DISK_KINDS_DEFAULT: tuple[DiskKind, ...] = ("cache", "quarantine", "spool")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PACSCLIP_", extra="forbid")
 
@@ -102,6 +107,11 @@ class Settings(BaseSettings):
     allowed_callers: list[CallerRule] = Field(
         default_factory=list,
         description='JSON list of AE titles or {"ae_title", "host"}; empty: anyone (warned).',
+    )
+    check_called_ae_title: bool = Field(
+        False,
+        description="Reject an association whose called AE title is not ae_title (A-ASSOCIATE-RJ "
+        "called AE title not recognised); off: any called AE title is accepted.",
     )
     max_associations: int = Field(
         10, ge=1, description="Concurrent associations of the whole node; more are rejected."
@@ -138,6 +148,13 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="DICOM TLS private key (with tls_cert).")
     tls_ca: Path | None = Field(
         None, description="CA that callers' client certificates must be signed by."
+    )
+    dicom_tls_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="With tls_cert and tls_key: a second port that speaks DICOM TLS while "
+        "dicom_port stays plain (both at once); unset: dicom_port speaks TLS.",
     )
 
     # Study completeness
@@ -277,6 +294,47 @@ class Settings(BaseSettings):
     )
     dispatch_timeout_s: float = Field(30.0, gt=0, description="Timeout of one delivery.")
 
+    # Retention (unset: kept for ever; nothing is deleted unless configured)
+    retention_spool_days: int | None = Field(
+        None,
+        ge=1,
+        description="Received originals (the spool) of finished studies are deleted this "
+        "many days after completion; the study stays, marked as having no originals.",
+    )
+    retention_results_days: int | None = Field(
+        None,
+        ge=1,
+        description="pacsclip's result objects (SR, overlays, SEG) whose every delivery "
+        "succeeded are deleted this many days after the analysis; its findings stay.",
+    )
+    retention_quarantine_days: int | None = Field(
+        None, ge=1, description="Quarantined objects (and their entries) older than this."
+    )
+    retention_embeddings_days: int | None = Field(
+        None,
+        ge=1,
+        description="Image and report embeddings of finished studies older than this, and "
+        "their similar-case index entries.",
+    )
+    retention_cache_days: int | None = Field(
+        None, ge=1, description="Images the dashboard rendered (its cache) older than this."
+    )
+    retention_free_disk_floor_mb: int | None = Field(
+        None,
+        ge=1,
+        description="When free space under the data dir falls below this, the oldest of the "
+        "kinds in retention_disk_kinds are deleted, oldest first, until it is back above.",
+    )
+    retention_disk_kinds: list[DiskKind] = Field(
+        default_factory=lambda: list(DISK_KINDS_DEFAULT),
+        description="What the free-disk floor may delete: cache, quarantine, spool, results.",
+    )
+    retention_interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How often the DICOM node applies retention (when any is configured).",
+    )
+
     # HTTP API and notifications
     api_host: str = Field(
         "127.0.0.1", description="Address of the HTTP API (and of a worker's metrics port)."
@@ -334,7 +392,21 @@ class Settings(BaseSettings):
         None, description="CA that HL7 senders' client certificates must be signed by."
     )
     worker_metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="Prometheus port of a standalone worker (on api_host)."
+        None,
+        ge=1,
+        le=65535,
+        description="Port of a standalone worker's /metrics and /health (on api_host).",
+    )
+    node_metrics_host: str = Field(
+        "127.0.0.1", description="Address of a standalone node's /metrics and /health."
+    )
+    node_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port of a standalone node's /metrics and /health."
+    )
+    metrics_scrape_urls: list[str] = Field(
+        default_factory=list,
+        description="JSON list of /metrics URLs of the node and workers that the dashboard's "
+        "plots add to the API process' own figures.",
     )
 
     @field_validator("allowed_callers", mode="before")
@@ -352,6 +424,11 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca needs tls_cert and tls_key")
+        if self.dicom_tls_port is not None:
+            if self.tls_cert is None:
+                raise ValueError("dicom_tls_port needs tls_cert and tls_key")
+            if self.dicom_tls_port == self.dicom_port != 0:
+                raise ValueError("dicom_tls_port must differ from dicom_port")
         return self
 
     @model_validator(mode="after")

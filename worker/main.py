@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from celery.signals import worker_ready
 
+from plugin.probes import ProbeServer
 from plugin.settings import Settings
 from plugin.task_queue import WORKER_QUEUES, make_celery
 from plugin.validation.monitoring import MonitoringGauges, MonitorStore
@@ -25,29 +26,40 @@ def main(
 ) -> None:
     app = make_celery(settings)
     app.pacsclip = context = WorkerContext(settings)
+    probes = None
     if settings.worker_metrics_port is not None:
         store = MonitorStore(settings.data_dir / "monitoring")
         context.metrics.registry.register(MonitoringGauges(store.latest))
-        port = settings.worker_metrics_port
+        # Up from the start: /health answers 503 with the reason until the model loaded and
+        # ran once and the worker consumes.
+        probes = ProbeServer(
+            settings.api_host,
+            settings.worker_metrics_port,
+            context.metrics.registry,
+            context.readiness.check,
+        ).start()
+    try:
+        register(app)
+        ready_with = context.warm_up()
+        if ready_with is not None:
 
-        # Served once the worker consumes (warmed up, connected), so that an answer on the
-        # metrics port also says the worker is ready.
-        def serve_metrics(**_: object) -> None:
-            context.metrics.serve(settings.api_host, port)
+            def consuming(**_: object) -> None:
+                context.readiness.set_ready(ready_with)
 
-        worker_ready.connect(serve_metrics, weak=False)
-    register(app)
-    context.warm_up()
-    app.worker_main(
-        [
-            "worker",
-            f"--hostname={node_name or default_node_name()}",
-            f"--pool={settings.worker_pool}",
-            f"--concurrency={settings.worker_concurrency}",
-            f"--queues={','.join(queues)}",
-            f"--loglevel={settings.log_level}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-    )
+            worker_ready.connect(consuming, weak=False)
+        app.worker_main(
+            [
+                "worker",
+                f"--hostname={node_name or default_node_name()}",
+                f"--pool={settings.worker_pool}",
+                f"--concurrency={settings.worker_concurrency}",
+                f"--queues={','.join(queues)}",
+                f"--loglevel={settings.log_level}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
+    finally:
+        if probes is not None:
+            probes.stop()

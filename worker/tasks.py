@@ -29,6 +29,7 @@ from plugin.models.bundle import Bundle
 from plugin.models.projection import text_encoder
 from plugin.models.registry import Registry, live_bundle
 from plugin.pipelines import RETRIEVAL, TRIAGE, pipelines_of
+from plugin.probes import Readiness
 from plugin.retrieval.service import NoTextTower, RetrievalService
 from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, report_text
 from plugin.retrieval.store import IndexStore, Kind
@@ -48,6 +49,9 @@ class WorkerContext:
     settings: Settings
     metrics: PacsclipMetrics = field(default_factory=PacsclipMetrics)
     monitored_at: float | None = None  # monotonic time of the last monitoring run
+    # What the worker's /health answers: not ready until the model loaded and ran once and
+    # the worker consumes (``worker.main`` says when).
+    readiness: Readiness = field(default_factory=lambda: Readiness("starting"))
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -132,21 +136,30 @@ class WorkerContext:
             lambda bundle: text_encoder(bundle, threads=self.settings.inference_threads),
         )
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> str | None:
         """Load the model, score and build results once, and import the delivery code before
         the first task, not during it.
 
-        A bundle that cannot be loaded is logged here and fails each analysis with its reason;
-        the worker still delivers results already made.
+        Returns what the worker is ready with; None when the model did not load or run, and
+        ``readiness`` then says why. Such a bundle is logged here and fails each analysis with
+        its reason; the worker still delivers results already made.
         """
+        self.readiness.set_not_ready("loading the model")
+        ready_with: str | None = None
         try:
-            if self.live is not None:
+            bundle = self.live
+            if bundle is not None:
                 self.analyser.warm_up()
+                ready_with = f"model {bundle.ref} loaded and ran once"
+            else:
+                ready_with = "no model is live (shadow models only)"
         except PacsclipError as exc:
             logger.error("model not loaded at start: %s", exc)
-        except Exception:
+            self.readiness.set_not_ready(f"model failed to load: {exc}")
+        except Exception as exc:
             # The model loaded; only the rehearsal failed, and the first study will say why.
             logger.exception("warm-up study failed; the first study is built cold")
+            self.readiness.set_not_ready(f"model failed its warm-up run: {exc}")
         # Imported by the first dispatch otherwise (pynetdicom and the STOW client with it).
         importlib.import_module("plugin.delivery.jobs")
         for shadow in self.shadows:
@@ -154,6 +167,9 @@ class WorkerContext:
                 shadow.model.warm_up()
             except PacsclipError as exc:
                 logger.error("shadow model %s not warmed up: %s", shadow.shadow.ref, exc)
+        if ready_with is not None:
+            self.readiness.set_not_ready(f"{ready_with}; not consuming yet")
+        return ready_with
 
     def keep_reports(self, study_uid: str) -> None:
         """Store, label and index the text of reports (SRs from the PACS) that came with the

@@ -76,6 +76,8 @@ class Study(Base):
     # Counts completions: each one is analysed as its own generation (re-analysis after
     # late images gets new result UIDs; a redelivered task reuses its generation's).
     generation: Mapped[int] = mapped_column(default=0)
+    # When retention deleted the received originals (migration 0010): never analysed again.
+    originals_pruned_at: Mapped[datetime | None]
 
     site: Mapped[Site] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")

@@ -189,10 +189,20 @@ def requeue(session: Session, study_uids: list[str], state: StudyState | None) -
                 f"study {study.study_instance_uid} is {study.state}: only shadow_only and "
                 "failed studies are queued again"
             )
+        if study.originals_pruned_at is not None and not _has_instances(session, study.id):
+            raise InvalidTransition(
+                f"study {study.study_instance_uid}: retention deleted its received images; "
+                "send the study again from the PACS to analyse it"
+            )
         study.state = StudyState.QUEUED
     return [
         StaleStudy(s.study_instance_uid, s.generation, s.priority or "routine") for s in studies
     ]
+
+
+def _has_instances(session: Session, study_id: int) -> bool:
+    query = select(Instance.id).join(Series).where(Series.study_id == study_id).limit(1)
+    return session.scalar(query) is not None
 
 
 def set_expected_instances(session: Session, study_uid: str, count: int) -> None:

@@ -26,6 +26,7 @@ from plugin.cli.common import (
 from plugin.cli.demo_cmd import demo_app
 from plugin.cli.hl7_cmd import hl7_listen
 from plugin.cli.model_cmd import model_app
+from plugin.cli.retention_cmd import purge, retention_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.revisit_cmd import revisit_app
 from plugin.cli.triage_cmd import triage
@@ -72,6 +73,8 @@ app.command()(monitor)
 app.command()(similar)
 app.command()(search)
 app.command("hl7-listen")(hl7_listen)
+app.command()(purge)
+app.add_typer(retention_app, name="retention")
 
 
 @app.callback()
@@ -267,16 +270,49 @@ def echo(
     port: int,
     aec: Annotated[str, typer.Option("--aec", help="The peer's AE title.")],
     aet: Annotated[str | None, typer.Option("--aet", help="Our AE title.")] = None,
+    tls: Annotated[bool, typer.Option("--tls", help="Connect over DICOM TLS.")] = False,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca", help="CA the peer's certificate must chain to (default: system CAs)."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", help="Our client certificate, for a peer that requires one."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The private key of --tls-cert.")
+    ] = None,
+    tls_server_name: Annotated[
+        str | None,
+        typer.Option(
+            "--tls-server-name", help="Name the peer's certificate must carry (default: HOST)."
+        ),
+    ] = None,
 ) -> None:
-    """C-ECHO a DICOM node to check the network path and AE titles."""
+    """C-ECHO a DICOM node to check the network path and AE titles (and TLS with --tls)."""
+    import ssl
+
     from dicom_node.scu import AssociationFailed
     from dicom_node.scu import echo as send_echo
+    from plugin.delivery.dimse import client_ssl_context
 
+    if (tls_cert is None) != (tls_key is None):
+        raise fail("--tls-cert and --tls-key go together")
+    if not tls and (tls_ca or tls_cert or tls_server_name):
+        raise fail("TLS options given: add --tls")
     settings = command_settings(ctx)
+    try:
+        context = client_ssl_context(ca=tls_ca, cert=tls_cert, key=tls_key) if tls else None
+    except (OSError, ssl.SSLError) as exc:
+        raise fail(f"TLS files unusable: {exc}") from exc
     try:
         status = send_echo(
             DicomPeer(ae_title=aec, host=host, port=port),
             calling_ae_title=aet or settings.ae_title,
+            tls=context,
+            server_name=tls_server_name,
         )
     except AssociationFailed as exc:
         raise fail(str(exc), 1) from exc

@@ -125,7 +125,7 @@ def mount_dashboard(
 ) -> None:
     from plugin.dashboard import operations, pages, validation
 
-    history = MetricsHistory(metrics.registry)
+    history = MetricsHistory(metrics.registry, scrape_urls=settings.metrics_scrape_urls)
     app.state.dashboard = Dashboard(
         settings=settings,
         sessions=sessions,

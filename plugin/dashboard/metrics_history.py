@@ -1,9 +1,12 @@
-"""The last hour of this process' Prometheus figures, for the operations page's small plots.
+"""The last hour of pacsclip's Prometheus figures, for the operations page's small plots.
 
-A ring buffer of samples read from the process' own registry (no Prometheus server needed):
-a background thread samples every ``interval_s`` while the HTTP server runs, and a page view
-takes a sample when the last one is older than that (so the plots also fill without the
-thread, e.g. in tests).
+A ring buffer of samples read from the process' own registry (no Prometheus server needed),
+plus the ``/metrics`` of the other processes named in ``metrics_scrape_urls`` (a standalone
+node, the workers), each read with a timeout and added up by series: a counter of several
+workers is their sum. A process that does not answer is left out of that sample (logged once)
+and the plots go on with the others. A background thread samples every ``interval_s`` while
+the HTTP server runs, and a page view takes a sample when the last one is older than that (so
+the plots also fill without the thread, e.g. in tests).
 """
 
 from __future__ import annotations
@@ -11,18 +14,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 logger = logging.getLogger(__name__)
 
-# What the plots show: what this process counts itself (under `pacsclip serve` the node runs
-# in it; the worker is another process with its own registry) and the catalog gauges, which
-# hold the whole pipeline's picture whichever process did the work.
+# What the plots show: what the node counts (in this process under `pacsclip serve`, else read
+# from the node's /metrics) and the catalog gauges, which hold the whole pipeline's picture
+# whichever process did the work.
 PLOTTED: Final = (
     ("pacsclip_received_instances_total", "instances received"),
     ("pacsclip_complete_studies_total", "studies complete"),
@@ -34,6 +39,7 @@ PLOTTED: Final = (
     ("pacsclip_failed_dispatch_jobs", "dead letters waiting"),
 )
 WINDOW_S: Final = 3600.0
+SCRAPE_TIMEOUT_S: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,23 @@ class Series:
 
 def read_samples(registry: CollectorRegistry) -> dict[str, float]:
     """The registry's samples by ``name{label="value"}``."""
+    return _samples(registry.collect())
+
+
+def scrape(url: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> dict[str, float]:
+    """The samples another process serves on ``url`` (Prometheus text format), by
+    ``name{label="value"}``; OSError when it does not answer in ``timeout_s``, ValueError when
+    the answer is not that format."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL: {url}")
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode("utf-8")
+    return _samples(text_string_to_metric_families(text))
+
+
+def _samples(families: Iterable[Metric]) -> dict[str, float]:
     values: dict[str, float] = {}
-    for family in registry.collect():
+    for family in families:
         for sample in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             values[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
@@ -78,10 +99,15 @@ class MetricsHistory:
         self,
         registry: CollectorRegistry,
         *,
+        scrape_urls: Iterable[str] = (),
+        scrape_timeout_s: float = SCRAPE_TIMEOUT_S,
         interval_s: float = 15.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._registry = registry
+        self.scrape_urls = tuple(scrape_urls)
+        self.scrape_timeout_s = scrape_timeout_s
+        self.unreachable: set[str] = set()  # scrape URLs that failed at the last sample
         self.interval_s = interval_s
         self._clock = clock
         self._samples: deque[tuple[float, dict[str, float]]] = deque(
@@ -94,8 +120,25 @@ class MetricsHistory:
     def sample(self) -> None:
         now = self._clock()
         values = read_samples(self._registry)
+        for url in self.scrape_urls:
+            for key, value in self._scrape(url).items():
+                if not key.endswith("_created"):  # a start time: not a figure to add up
+                    values[key] = values.get(key, 0.0) + value
         with self._lock:
             self._samples.append((now, values))
+
+    def _scrape(self, url: str) -> dict[str, float]:
+        try:
+            values = scrape(url, self.scrape_timeout_s)
+        except (OSError, ValueError) as exc:
+            if url not in self.unreachable:
+                logger.warning("metrics of %s not read (plots go on without them): %s", url, exc)
+                self.unreachable.add(url)
+            return {}
+        if url in self.unreachable:
+            logger.info("metrics of %s read again", url)
+            self.unreachable.discard(url)
+        return values
 
     def sample_if_due(self, max_age_s: float | None = None) -> None:
         """Sample when the newest sample is older than ``max_age_s`` (default: the interval):

@@ -69,6 +69,8 @@ def _render(
         heads=_heads(board),
         promotion=promotion,
         plots=board.history.series(),
+        plots_scraped=bool(board.history.scrape_urls),
+        plots_unread=sorted(board.history.unreachable),
         notice=_notice(notice),
     )
 

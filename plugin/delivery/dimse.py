@@ -219,14 +219,34 @@ class _Negotiation:
         if (rj := self.rejection) is not None:
             return f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
         if _no_context_accepted(assoc):
-            return "the destination accepted none of the proposed SOP classes/transfer syntaxes"
+            refused = dict.fromkeys(
+                _sop_class(cx.abstract_syntax) for cx in assoc.rejected_contexts
+            )
+            return "the destination accepts none of the SOP classes sent: " + ", ".join(refused)
         if assoc.is_aborted:
             return "association aborted during negotiation"
         return "no answer to the association request (timed out)"
 
 
+def _sop_class(uid: str | None) -> str:
+    """A SOP class as an operator reads it: its name and UID."""
+    return f"{UID(uid or '').name} ({uid})"
+
+
 def _no_context_accepted(assoc: Association) -> bool:
     return bool(assoc.rejected_contexts) and not assoc.accepted_contexts
+
+
+def client_ssl_context(
+    *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """Client TLS 1.2 or later, verifying the peer against ``ca`` (the system CAs when None) and
+    presenting ``cert``/``key`` when given. OSError or ssl.SSLError for unusable files."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def _tls_args(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
@@ -234,13 +254,9 @@ def _tls_args(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     if not destination.tls:
         return None
     try:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH,
-            cafile=str(destination.tls_ca) if destination.tls_ca else None,
+        context = client_ssl_context(
+            ca=destination.tls_ca, cert=destination.tls_cert, key=destination.tls_key
         )
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if destination.tls_cert is not None and destination.tls_key is not None:
-            context.load_cert_chain(destination.tls_cert, destination.tls_key)
     except (OSError, ssl.SSLError) as exc:
         # Bad certificate files are a configuration error: retries cannot fix them.
         raise DispatchError(
@@ -325,9 +341,13 @@ def _raise_for_outcome(
         )
         retryable = all(is_retryable_status(status) for _, status in report.failures)
     if unsendable:
+        by_class: dict[str, list[str]] = {}
+        for item in unsendable:
+            key = f"{_sop_class(item.sop_class_uid)} in {item.transfer_syntax_uid.name}"
+            by_class.setdefault(key, []).append(item.sop_instance_uid)
         problems.append(
             "no accepted presentation context for "
-            + ", ".join(f"{i.sop_instance_uid} ({i.sop_class_uid.name})" for i in unsendable)
+            + "; ".join(f"{key}: {', '.join(uids)}" for key, uids in by_class.items())
         )
         retryable = False
     if interrupted:

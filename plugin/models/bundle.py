@@ -499,6 +499,11 @@ class Bundle:
         return self.manifest.synthetic
 
     @property
+    def not_for_clinical_use(self) -> bool:
+        """The model card says the bundle is not for clinical use."""
+        return self.manifest.model_card.not_for_clinical_use
+
+    @property
     def findings(self) -> list[Finding]:
         return self.manifest.findings
 

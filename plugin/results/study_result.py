@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
+from plugin.disclaimers import NOT_FOR_CLINICAL_USE, NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.errors import PacsclipError
 
 Decision = Literal["present", "absent", "indeterminate"]
@@ -20,7 +20,8 @@ Priority = Literal["stat", "routine", "not_scored"]
 DECISIONS: Final[tuple[Decision, ...]] = ("present", "absent", "indeterminate")
 PRIORITIES: Final[tuple[Priority, ...]] = ("stat", "routine", "not_scored")
 
-# Every result object carries these lines; the demo model adds the second one.
+# Every result object carries AlgorithmIdentity.disclaimers(): the demo model, or a bundle
+# whose model card says not for clinical use, adds a second line.
 # Longest value of the LO value representation (Series Description).
 _LO_MAX: Final = 64
 
@@ -44,12 +45,14 @@ class FindingCode:
 
 @dataclass(frozen=True)
 class AlgorithmIdentity:
-    """The model bundle that produced a result; `synthetic` marks the bundled demo model."""
+    """The model bundle that produced a result; `synthetic` marks the bundled demo model,
+    `not_for_clinical_use` a bundle whose model card says so."""
 
     name: str
     version: str
     synthetic: bool
     manufacturer: str = MANUFACTURER
+    not_for_clinical_use: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.strip() or not self.version.strip():
@@ -59,6 +62,8 @@ class AlgorithmIdentity:
         """The lines every SR and overlay of this algorithm must show."""
         if self.synthetic:
             return (NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL)
+        if self.not_for_clinical_use:
+            return (NOT_FOR_DIAGNOSIS, NOT_FOR_CLINICAL_USE)
         return (NOT_FOR_DIAGNOSIS,)
 
     def series_description(self, kind: str) -> str:

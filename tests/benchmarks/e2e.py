@@ -110,7 +110,10 @@ from tests.peers.ports import free_port  # noqa: E402
 HOST = "127.0.0.1"
 NODE_AET = "PACSCLIP"
 ORTHANC_AET = "ORTHANC"
-REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own, flushed before each serve
+# Databases of their own, one per serve of a group (side by side, two workers must not take
+# each other's tasks), flushed before each serve.
+REDIS_URL = "redis://127.0.0.1:6379/{}"
+REDIS_FIRST_DB = 13
 # RG1, regions and SEG on, guard off, warm: demo model per broker (issue 20: 2.0 s on the
 # embedded default, the SQLite broker; issue 4: 1.5 s on Redis); the ViT-B/16 on the default.
 TARGETS_P95_S = {"sqlite": 2.0, "redis": 1.5}
@@ -935,12 +938,17 @@ class Block:
         return [t.latency_s for t in self.runs]
 
 
-def flush_redis() -> str | None:
-    """Empty the benchmark's Redis database; the reason when Redis cannot be reached."""
+def redis_url(index: int) -> str:
+    """The Redis database of the index-th serve of a group."""
+    return REDIS_URL.format(REDIS_FIRST_DB + index)
+
+
+def flush_redis(url: str) -> str | None:
+    """Empty one of the benchmark's Redis databases; the reason when Redis cannot be reached."""
     import redis
 
     try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=5)
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         client.flushdb()
         client.close()
     except redis.RedisError as exc:
@@ -980,7 +988,7 @@ def run_group(
     neighbour slows all of them alike and their ratio holds."""
     datasets = ["cr"] if all(s.cr_only for s in group) else args.datasets
     servings = []
-    for scenario in group:
+    for index, scenario in enumerate(group):
         workdir = root / f"{broker}-{scenario.key}"
         workdir.mkdir()
         config = ServeConfig(
@@ -991,7 +999,7 @@ def run_group(
             token=secrets.token_urlsafe(24),
             orthanc_dicom_port=orthanc.dicom_port,
             scenario=scenario,
-            broker_url=REDIS_URL if broker == "redis" else None,
+            broker_url=redis_url(index) if broker == "redis" else None,
             model_bundle=models[scenario.model].bundle,
             ood_guard=args.ood_guard,
         )
@@ -1432,7 +1440,12 @@ def run_all(
     groups += [[s] for s in planned if s not in paired]
     for broker in ["sqlite", "redis"] if args.broker == "both" else [args.broker]:
         for group in groups:
-            if broker == "redis" and (reason := flush_redis()) is not None:
+            reasons = (
+                [flush_redis(redis_url(index)) for index in range(len(group))]
+                if broker == "redis"
+                else []
+            )
+            if (reason := next((r for r in reasons if r is not None), None)) is not None:
                 notes.append(reason)
                 progress(reason)
                 break

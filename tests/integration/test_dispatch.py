@@ -13,6 +13,8 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -285,6 +287,52 @@ def test_warning_status_counts_as_stored(
 
     assert report.ok
     assert report.sent == [(_uid(files[0]), COERCED), (_uid(files[1]), SUCCESS)]
+
+
+def _sr_file(directory: Path) -> Path:
+    """A Part 10 file of Comprehensive 3D SR Storage: a class the scripted SCP does not take."""
+    ds = Dataset()
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+SR_CLASS = f"Comprehensive 3D SR Storage ({Comprehensive3DSRStorage})"
+
+
+def test_a_refused_sop_class_is_named_in_the_dead_letter_reason(
+    tmp_path: Path, scripted_scp: tuple[int, dict[str, int]]
+) -> None:
+    port, _ = scripted_scp  # CT Image Storage only
+    destination = Destination("scripted", "SCRIPTED", "127.0.0.1", port)
+    [ct] = ct_small_copies(1, tmp_path / "results")
+    sr = _sr_file(tmp_path / "results")
+
+    # The CT goes; the SR has no accepted context and is named with its class.
+    with pytest.raises(DispatchError) as mixed:
+        send_files(destination, [ct, sr], calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)
+    # Nothing the destination takes: it accepts no context at all, and the message says which.
+    with pytest.raises(DispatchError) as only_sr:
+        send_files(destination, [sr], calling_ae_title=CALLING_AET, timeout_s=TIMEOUT_S)
+
+    assert not mixed.value.retryable and not only_sr.value.retryable
+    assert mixed.value.report == SendReport("scripted", [(_uid(ct), SUCCESS)])
+    assert (
+        f"no accepted presentation context for {SR_CLASS} in Explicit VR Little Endian: "
+        f"{_uid(sr)}" in str(mixed.value)
+    )
+    assert f"accepts none of the SOP classes sent: {SR_CLASS}" in str(only_sr.value)
+    assert "CT Image Storage" not in str(only_sr.value)
 
 
 def test_no_files_opens_no_association() -> None:

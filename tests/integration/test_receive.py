@@ -24,6 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from plugin import dicom_status as status
@@ -160,6 +161,39 @@ def test_unknown_calling_ae_is_rejected_and_audited(
         ("STRANGER", "127.0.0.1"),
         ("PACS2", "127.0.0.1"),
     ]
+
+
+def _echo_association(port: int, called: str) -> Any:
+    ae = AE(ae_title="PACS1")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+    return assoc
+
+
+def test_called_ae_title_is_checked_when_asked(start_node: Callable[..., RunningNode]) -> None:
+    checking = start_node(check_called_ae_title=True)
+
+    wrong = _echo_association(checking.port, "NOT-PACSCLIP")
+    right = _echo_association(checking.port, "PACSCLIP")
+
+    assert wrong.is_rejected
+    rejection = wrong.acceptor.primitive
+    # Rejected permanent, by the service user: called AE title not recognised.
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x07)
+    assert right.is_released
+    audited(checking, 1)
+    with checking.sessions() as session:
+        [rejected] = repository.audit_events(session, event="association_rejected")
+    assert (rejected.calling_ae_title, rejected.detail) == (
+        "PACS1",
+        "called AE title 'NOT-PACSCLIP' not ours",
+    )
+
+    # Off by default: any called AE title is accepted, as before the setting existed.
+    lenient = start_node(data_dir=checking.settings.data_dir.with_name("lenient"))
+    assert _echo_association(lenient.port, "NOT-PACSCLIP").is_released
 
 
 def _send_raw(port: int, path: Path, sop_class: str, sop_instance: str, data: bytes) -> Dataset:

@@ -8,8 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pytest
+from typer.testing import CliRunner
 
 from plugin.catalog import repository
+from plugin.cli.main import app
 from tests.integration.conftest import RunningNode
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import StoreResult, storescu
@@ -105,3 +108,62 @@ def test_idle_connection_does_not_block_tls_callers(
             result = None
     assert result is not None, f"storescu got no answer within {IDLE_BLOCK_PROBE_S} s"
     assert result.sent == [(files[0], SUCCESS)]
+
+
+def test_cli_echo_over_tls(tmp_path: Path, start_node: Callable[..., RunningNode]) -> None:
+    server, client = make_tls_materials(tmp_path / "tls")
+    node = start_node(tls_cert=server.cert, tls_key=server.key, tls_ca=server.ca_cert)
+    echo = ["--data-dir", str(tmp_path / "cli"), "echo", "127.0.0.1", str(node.port)]
+    echo += ["--aec", NODE_AET]
+    trusted = ["--tls", "--tls-ca", str(client.ca_cert)]
+    identified = [*trusted, "--tls-cert", str(client.cert), "--tls-key", str(client.key)]
+    runner = CliRunner()
+
+    ok = runner.invoke(app, [*echo, *identified])
+    by_name = runner.invoke(app, [*echo, *identified, "--tls-server-name", "localhost"])
+    wrong_name = runner.invoke(app, [*echo, *identified, "--tls-server-name", "pacs.example"])
+    anonymous = runner.invoke(app, [*echo, *trusted])
+    plain = runner.invoke(app, echo)
+    no_tls_flag = runner.invoke(app, [*echo, "--tls-ca", str(client.ca_cert)])
+
+    assert ok.exit_code == 0, ok.output
+    assert f"C-ECHO to {NODE_AET}@127.0.0.1:{node.port}: success" in ok.output
+    assert by_name.exit_code == 0, by_name.output
+    # The certificate names 127.0.0.1 and localhost only; the node requires a client one.
+    for refused in (wrong_name, anonymous, plain):
+        assert refused.exit_code == 1, refused.output
+        assert "refused the association" in refused.output
+    assert "TLS handshake failed" in anonymous.output
+    assert no_tls_flag.exit_code == 2
+    assert "add --tls" in no_tls_flag.output
+
+
+@pytest.mark.parametrize("receiver_processes", [0, 1])
+def test_plain_and_tls_on_separate_ports(
+    tmp_path: Path, start_node: Callable[..., RunningNode], receiver_processes: int
+) -> None:
+    server, client = make_tls_materials(tmp_path / "tls")
+    node = start_node(
+        tls_cert=server.cert,
+        tls_key=server.key,
+        tls_ca=server.ca_cert,
+        dicom_tls_port=0,
+        receiver_processes=receiver_processes,
+    )
+    assert node.node.tls_port is not None
+    files = ct_small_copies(1, tmp_path / "ct")
+
+    plain = _store(files, node, tls=None, extra=[])
+    secure = storescu(
+        files, "127.0.0.1", node.node.tls_port, aec=NODE_AET, tls=client,
+        extra_args=STORESCU_TIMEOUTS, timeout_s=30,
+    )  # fmt: skip
+    plain_to_tls = storescu(
+        files, "127.0.0.1", node.node.tls_port, aec=NODE_AET,
+        extra_args=STORESCU_TIMEOUTS, timeout_s=30,
+    )  # fmt: skip
+
+    assert plain.sent == [(files[0], SUCCESS)], plain.stdout[-2000:]
+    assert secure.sent == [(files[0], SUCCESS)], secure.stdout[-2000:]
+    assert plain_to_tls.returncode != 0
+    assert SUCCESS not in plain_to_tls.statuses

@@ -38,6 +38,7 @@ from plugin.dashboard.session import SESSION_COOKIE
 from plugin.disclaimers import SYNTHETIC_MODEL
 from plugin.imaging.preprocess import display_array
 from plugin.metrics import PacsclipMetrics, Stage
+from plugin.probes import Health, ProbeServer
 from plugin.results import (
     AlgorithmIdentity,
     FindingResult,
@@ -47,6 +48,7 @@ from plugin.results import (
 )
 from plugin.serve import routing_decision
 from plugin.settings import Settings
+from tests.peers.ports import free_port
 
 TOKEN = "dashboard-token-7e2"
 HOSTILE = "<script>alert(1)</script>"
@@ -432,6 +434,58 @@ def test_metrics_history_keeps_the_last_hour() -> None:
     assert xs == sorted(xs) and xs[0] == 0.0 and xs[-1] == 240.0
     history.sample_if_due()  # not due: no new sample
     assert len(history.series()[0].points) == 61
+
+
+def test_the_plots_add_what_other_processes_count_and_go_on_without_a_silent_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api, node, workers = PacsclipMetrics(), PacsclipMetrics(), [PacsclipMetrics() for _ in "ab"]
+    node.observe_stage(Stage.RECEIVED)
+    node.observe_stage(Stage.RECEIVED)
+    for worker in workers:
+        worker.observe_stage(Stage.ANALYSED)
+    servers = [
+        ProbeServer("127.0.0.1", 0, m.registry, lambda: Health(True, "ready")).start()
+        for m in (node, *workers)
+    ]
+    silent = f"http://127.0.0.1:{free_port()}/metrics"  # nothing listens there
+    try:
+        urls = [f"http://127.0.0.1:{server.port}/metrics" for server in servers]
+        history = MetricsHistory(api.registry, scrape_urls=[*urls, silent], scrape_timeout_s=1)
+        with caplog.at_level(logging.WARNING, logger="plugin.dashboard.metrics_history"):
+            history.sample()
+            history.sample()
+    finally:
+        for server in servers:
+            server.stop()
+
+    series = {s.key: s for s in history.series()}
+    assert series["pacsclip_received_instances_total"].latest == 2.0  # the node's, not the API's 0
+    analysed = history.series([("pacsclip_analysed_studies_total", "analysed")])
+    assert analysed[0].latest == 2.0  # both workers
+    assert history.unreachable == {silent}
+    assert caplog.text.count(silent) == 1  # said once, not at every sample
+
+
+def test_the_operations_page_plots_a_separate_nodes_figures_and_names_a_silent_one(
+    make_settings: Callable[..., Settings],
+) -> None:
+    node = PacsclipMetrics()
+    for _ in range(3):
+        node.observe_stage(Stage.RECEIVED)
+    server = ProbeServer("127.0.0.1", 0, node.registry, lambda: Health(True, "ready")).start()
+    silent = f"http://127.0.0.1:{free_port()}/metrics"
+    try:
+        urls = [f"http://127.0.0.1:{server.port}/metrics", silent]
+        settings = make_settings(api_token=TOKEN, metrics_scrape_urls=urls)
+        client = World(settings, open_catalog(settings.effective_database_url)).client()
+        login(client)
+        page = client.get("/operations").text
+    finally:
+        server.stop()
+
+    assert "instances received: <strong>3</strong>" in page
+    assert f"Not read at the last sample (left out of the plots): {silent}" in page
 
 
 def test_a_shadow_model_is_shown_as_shadow_never_as_the_study_findings(world: World) -> None:

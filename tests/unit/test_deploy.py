@@ -215,3 +215,103 @@ def test_every_deploy_example_starts_with_no_live_model() -> None:
     assert configmap["data"]["PACSCLIP_DEMO_MODEL"] == "shadow"
     assert toml_settings.demo_model == "shadow"
     assert Settings().demo_model == "live"
+
+
+def test_every_example_config_names_a_destination_marked_to_edit() -> None:
+    """Each example sends results somewhere, says where to edit that, and the TOML example
+    configures every destination its routing rules example names."""
+    from dicom_node.routing import ALL_DESTINATIONS, load_rules
+    from plugin.settings import DestinationConfig, load_settings
+
+    toml_file = DEPLOY / "pacsclip.example.toml"
+    configmap_file = DEPLOY / "k8s" / "configmap.yaml"
+    compose_env = yaml.safe_load(COMPOSE_FILE.read_text())["x-pacsclip"]["environment"]
+    configmap = next(doc for doc in load_all(configmap_file) if doc["kind"] == "ConfigMap")
+
+    toml_settings = load_settings(toml_file)
+    for listed in (
+        compose_env["PACSCLIP_DESTINATIONS"],
+        configmap["data"]["PACSCLIP_DESTINATIONS"],
+    ):
+        parsed = [DestinationConfig.model_validate(d) for d in yaml.safe_load(listed)]
+        assert parsed
+    named = {d.name for d in toml_settings.destinations}
+    rules = load_rules(DEPLOY / "rules.example.yaml")
+    assert rules.destination_names - {ALL_DESTINATIONS} <= named
+    for path in (toml_file, configmap_file, COMPOSE_FILE):
+        lines = path.read_text().splitlines()
+        at = next(
+            i
+            for i, line in enumerate(lines)
+            if re.match(r"\s*(destinations|PACSCLIP_DESTINATIONS)\b", line)
+        )
+        assert "EDIT" in "\n".join(lines[max(0, at - 4) : at]), f"{path.name}: no EDIT note"
+
+
+def test_image_and_systemd_recipe_install_every_features_dependencies() -> None:
+    """Every pyproject extra but the test tools, and medspacy (not in pyproject), go into the
+    image and into the recipe's virtualenv the same way scripts/bootstrap installs them."""
+    import tomllib
+
+    extras = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    runtime = ",".join(sorted(extras - {"dev"}))
+    dockerfile = (DEPLOY / "compose" / "Dockerfile").read_text()
+    python_step = DEPLOY_DOC.read_text().split("<!-- recipe:systemd:python -->", 1)[1]
+    python_step = python_step.split("```", 2)[1]
+
+    for text in (dockerfile, python_step):
+        assert f'".[{runtime}]"' in text
+        assert "scripts/install-medspacy" in text
+    assert (
+        "!scripts/install-medspacy" in (DEPLOY / "compose" / "Dockerfile.dockerignore").read_text()
+    )
+    assert (
+        "scripts/install-medspacy .venv/bin/python" in (ROOT / "scripts" / "bootstrap").read_text()
+    )
+    assert "medspacy==" in (ROOT / "scripts" / "install-medspacy").read_text()
+
+
+def test_compose_mounts_a_folder_of_bundles_to_install() -> None:
+    volumes = yaml.safe_load(COMPOSE_FILE.read_text())["x-pacsclip"]["volumes"]
+
+    assert "./models:/models:ro" in volumes
+    assert "pacsclip-models:/var/lib/pacsclip/models" in volumes
+    assert "pacsclip model install /models/" in DEPLOY_DOC.read_text()
+
+
+def test_the_recipe_fills_in_every_placeholder_of_the_environment_file() -> None:
+    placeholders = set(
+        re.findall(r"\$\{(\w+)\}", (DEPLOY / "systemd" / "pacsclip.env.example").read_text())
+    )
+    [listed] = re.findall(r"envsubst '([^']*)'", DEPLOY_DOC.read_text())
+
+    assert placeholders == {name.lstrip("$") for name in listed.split()}
+    assert {"PG_PASSWORD", "MQ_PASSWORD", "API_TOKEN"} <= placeholders
+
+
+def test_worker_and_node_probes_call_their_health_endpoints() -> None:
+    docs = [doc for path in K8S_FILES for doc in load_all(path)]
+    by_kind_name = {(doc["kind"], doc["metadata"]["name"]): doc for doc in docs}
+    for kind, name, env_name in (
+        ("Deployment", "pacsclip-worker", "PACSCLIP_WORKER_METRICS_PORT"),
+        ("StatefulSet", "pacsclip-node", "PACSCLIP_NODE_METRICS_PORT"),
+    ):
+        [container] = by_kind_name[(kind, name)]["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"]}
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert ports["metrics"] == int(env[env_name]), name
+        assert container["startupProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
+    [worker] = by_kind_name[("Deployment", "pacsclip-worker")]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/health"
+
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    for name, env_name in (
+        ("worker", "PACSCLIP_WORKER_METRICS_PORT"),
+        ("node", "PACSCLIP_NODE_METRICS_PORT"),
+    ):
+        port = services[name]["environment"][env_name]
+        assert f"http://127.0.0.1:{port}/health" in " ".join(services[name]["healthcheck"]["test"])

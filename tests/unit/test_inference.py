@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from typer.testing import CliRunner
 
+from plugin.analysis import StudyAnalyser
+from plugin.catalog.db import open_catalog
 from plugin.cli.main import app
+from plugin.disclaimers import NOT_FOR_CLINICAL_USE
 from plugin.imaging import ImageSpec, dataset_input
 from plugin.inference import AI_NOTICE, TriageModel
 from plugin.models.bundle import SYNTHETIC_NOTICE, load_bundle
 from plugin.models.bundle_writer import pin_file
 from plugin.models.runtime import ImageEncoder
+from plugin.settings import load_settings
 from tests.models_fixtures import (
     FINDINGS,
     TinyImageTower,
@@ -169,6 +174,31 @@ def test_triage_cli_prints_findings_with_algorithm_and_notices(
     assert report["notices"] == [AI_NOTICE, SYNTHETIC_NOTICE]
     effusion = next(f for f in report["findings"] if f["name"] == "pleural_effusion")
     assert effusion["decision"] == "present"
+
+
+@pytest.mark.parametrize(("card_says", "notices"), [(True, 2), (False, 1)])
+def test_a_real_bundle_not_for_clinical_use_says_so_in_every_result(
+    study: tuple[Path, Path, Path], tmp_path: Path, card_says: bool, notices: int
+) -> None:
+    bundle_dir, positive, _ = study
+    real = Path(shutil.copytree(bundle_dir, tmp_path / "real"))
+    card = json.loads((real / "bundle.json").read_text())["model_card"]
+    edit_manifest(real, synthetic=False, model_card={**card, "not_for_clinical_use": card_says})
+    model = TriageModel(load_bundle(real), threads=1)
+
+    report = model.triage([dcmread(positive)])
+    analyser = StudyAnalyser(
+        load_settings(data_dir=tmp_path / "data"),
+        open_catalog(f"sqlite:///{tmp_path / 'catalog.sqlite3'}"),
+        model,
+    )
+
+    expected = [AI_NOTICE, NOT_FOR_CLINICAL_USE][:notices]
+    assert report.notices == expected
+    assert report.as_dict()["notices"] == expected
+    # The SR, overlays and SEG show what AlgorithmIdentity.disclaimers() gives.
+    assert list(analyser.algorithm.disclaimers()) == expected
+    assert SYNTHETIC_NOTICE not in report.notices
 
 
 def test_triage_cli_without_any_bundle_says_how_to_get_one(

@@ -21,6 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from plugin.disclaimers import NOT_FOR_CLINICAL_USE
 from plugin.imaging import display_array
 from plugin.results import (
     NOT_FOR_DIAGNOSIS,
@@ -221,6 +222,19 @@ def test_text_lines_name_algorithm_findings_and_disclaimers() -> None:
     assert NOT_FOR_DIAGNOSIS in demo_lines and NOT_FOR_DIAGNOSIS in site_lines
     assert SYNTHETIC_MODEL in demo_lines
     assert SYNTHETIC_MODEL not in site_lines
+    assert NOT_FOR_CLINICAL_USE not in demo_lines + site_lines
+
+
+def test_a_bundle_not_for_clinical_use_says_so_on_the_overlay() -> None:
+    source = Dataset()
+    source.SOPInstanceUID = "1.2.3"
+    flagged = dataclasses.replace(SITE_MODEL, not_for_clinical_use=True)
+
+    lines = [text for text, _ in overlay_text_lines(_result(source, flagged))]
+
+    assert NOT_FOR_DIAGNOSIS in lines
+    assert NOT_FOR_CLINICAL_USE in lines
+    assert SYNTHETIC_MODEL not in lines
 
 
 def test_same_inputs_give_identical_bytes(case: Case) -> None:

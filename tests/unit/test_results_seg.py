@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import shutil
@@ -14,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from plugin.disclaimers import NOT_FOR_CLINICAL_USE, NOT_FOR_DIAGNOSIS
 from plugin.results import (
     AlgorithmIdentity,
     FindingResult,
@@ -125,6 +127,17 @@ def test_one_binary_segment_per_present_finding_with_a_region(source: Dataset) -
     shared = seg.SharedFunctionalGroupsSequence[0]
     assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
     assert all("PlanePositionSequence" in f for f in seg.PerFrameFunctionalGroupsSequence)
+
+
+def test_content_description_carries_the_model_cards_warning(source: Dataset) -> None:
+    flagged = AlgorithmIdentity("chest-triage", "2.3.1", synthetic=False, not_for_clinical_use=True)
+    plain = dataclasses.replace(flagged, not_for_clinical_use=False)
+
+    seg = _round_trip(_build(source, dataclasses.replace(_result(source), algorithm=flagged)))
+    clinical = _round_trip(_build(source, dataclasses.replace(_result(source), algorithm=plain)))
+
+    assert seg.ContentDescription == f"{NOT_FOR_DIAGNOSIS}; {NOT_FOR_CLINICAL_USE}"
+    assert clinical.ContentDescription == NOT_FOR_DIAGNOSIS
 
 
 def test_segment_pixels_are_the_filled_outlines(source: Dataset) -> None:

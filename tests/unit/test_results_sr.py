@@ -20,6 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
 
+from plugin.disclaimers import NOT_FOR_CLINICAL_USE
 from plugin.results import (
     NOT_FOR_DIAGNOSIS,
     SYNTHETIC_MODEL,
@@ -305,10 +306,14 @@ def test_priority_is_a_report_level_evaluation(priority: str, code_value: str) -
     assert priority_item.ConceptCodeSequence[0].CodingSchemeDesignator == "99PACSCLIP"
 
 
-@pytest.mark.parametrize("synthetic", [True, False])
-def test_disclaimers_in_the_report(synthetic: bool) -> None:
+@pytest.mark.parametrize(
+    ("synthetic", "not_for_clinical_use"), [(True, True), (False, True), (False, False)]
+)
+def test_disclaimers_in_the_report(synthetic: bool, not_for_clinical_use: bool) -> None:
     source = _ct_small()
-    algorithm = AlgorithmIdentity("pacsclip-demo", "0.1.0", synthetic=synthetic)
+    algorithm = AlgorithmIdentity(
+        "pacsclip-demo", "0.1.0", synthetic=synthetic, not_for_clinical_use=not_for_clinical_use
+    )
     sr = _round_trip(_build(source, _result(source, algorithm)))
 
     texts = [
@@ -316,6 +321,8 @@ def test_disclaimers_in_the_report(synthetic: bool) -> None:
     ]
     assert NOT_FOR_DIAGNOSIS in texts
     assert (SYNTHETIC_MODEL in texts) is synthetic
+    # The demo keeps its own wording; a real bundle flagged by its model card gets the line.
+    assert (NOT_FOR_CLINICAL_USE in texts) is (not_for_clinical_use and not synthetic)
     assert ("synthetic" in sr.SeriesDescription) is synthetic
     assert "Similar cases: 3 similar cases, 2 with pneumothorax" in texts
 

@@ -24,13 +24,30 @@ def test_the_worker_scores_and_builds_once_in_memory_at_start(tmp_path: Path) ->
     context = WorkerContext(settings)
 
     built = context.analyser.warm_up()
-    context.warm_up()
+    ready_with = context.warm_up()
 
+    assert ready_with == f"model {context.analyser.model.bundle.ref} loaded and ran once"
+    health = context.readiness.check()
+    assert not health.ready and health.reason == f"{ready_with}; not consuming yet"
     assert built == ["SR", "SC", "SEG"]  # an SR, an overlay and a SEG: the builders a study uses
     assert "plugin.delivery.jobs" in sys.modules
     assert not any(settings.results_dir.rglob("*.dcm"))  # nothing written, nothing recorded
     with context.catalog.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Analysis)) == 0
+
+
+def test_a_worker_whose_model_does_not_load_is_not_ready_and_says_why(tmp_path: Path) -> None:
+    context = WorkerContext(Settings(data_dir=tmp_path, model_bundle=tmp_path / "missing"))
+
+    ready_with = context.warm_up()
+
+    assert ready_with is None
+    health = context.readiness.check()
+    assert not health.ready
+    assert health.reason == (
+        f"model failed to load: {tmp_path / 'missing'} is not a model bundle: "
+        "bundle.json is missing"
+    )
 
 
 def test_the_node_declares_the_analysis_queues_before_the_first_study(tmp_path: Path) -> None:
