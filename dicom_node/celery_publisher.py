@@ -1,4 +1,5 @@
-"""Completion published to the worker queue: the analysis task, sent by name."""
+"""Completion published to the worker queue: the analysis task, sent by name (and replayed
+dispatch jobs, sent by name too)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.publish import StudyCompleted
 from plugin.catalog import repository
 from plugin.study_state import StudyState
-from plugin.task_queue import ANALYSE_STUDY, analysis_queue
+from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT, analysis_queue
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class CeleryPublisher:
                     producer.maybe_declare(queue)
         except Exception as exc:  # kombu raises its own, the transport's and OSError
             logger.warning("broker not reachable at start: %s", exc)
+
+    def dispatch(self, job_id: int, early: bool = False) -> None:
+        """Queue a dispatch job: a dead letter replayed when its destination is back, or
+        (``early``) an early attempt of a job waiting on a long backoff."""
+        kwargs = {"early": True} if early else {}
+        self.app.send_task(DISPATCH_RESULT, args=[job_id], kwargs=kwargs, queue=DISPATCH_QUEUE)
 
     def publish(self, event: StudyCompleted) -> None:
         if not event.pipelines:

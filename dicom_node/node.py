@@ -43,6 +43,7 @@ from plugin.catalog import repository
 from plugin.catalog.db import Catalog, open_catalog, ping
 from plugin.catalog.records import Peer
 from plugin.catalog.writer import CatalogWriter
+from plugin.delivery.recovery import DestinationRecovery, RecoveryMetrics
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.probes import Health, ProbeServer
 from plugin.retention import RetentionMetrics, RetentionSchedule
@@ -71,10 +72,23 @@ class DicomNode:
         publisher: CompletionPublisher | None = None,
         rules: RuleSet | None = None,
         metrics: PacsclipMetrics | None = None,
+        enqueue_dispatch: Callable[[int, bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or PacsclipMetrics()
         self.sessions = catalog.sessions
+        # With a dispatch queue: dead letters are replayed when their destination is back
+        # (one node per deployment, so one checker).
+        self.recovery = (
+            DestinationRecovery(
+                settings,
+                catalog.sessions,
+                enqueue_dispatch,
+                RecoveryMetrics(self.metrics.registry),
+            )
+            if enqueue_dispatch is not None
+            else None
+        )
         self.publisher = publisher or LoggingPublisher()
         self.rules = rules or (
             load_rules(settings.rules_file) if settings.rules_file else default_rules()
@@ -144,6 +158,8 @@ class DicomNode:
         self.recover()
         self._recording.start()
         self.monitor.start()
+        if self.recovery is not None:
+            self.recovery.start()
         try:
             self._port = self._listen()
         except BaseException:
@@ -222,6 +238,8 @@ class DicomNode:
         if self._recording.is_alive():
             self._recording.join(timeout=self.settings.drain_timeout_s)
         self.monitor.stop()
+        if self.recovery is not None:
+            self.recovery.stop()
         self._queries.shutdown(wait=True, cancel_futures=True)
         self._port = self._tls_port = None
 
@@ -377,7 +395,13 @@ def main(
     catalog = open_catalog(settings.effective_database_url)
     publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
     publisher.connect()
-    node = DicomNode(settings, catalog, publisher=publisher, metrics=metrics)
+    node = DicomNode(
+        settings,
+        catalog,
+        publisher=publisher,
+        metrics=metrics,
+        enqueue_dispatch=publisher.dispatch,
+    )
     stopping = StopSignal().install()
     probes = None
     if settings.node_metrics_port is not None:

@@ -31,3 +31,19 @@ def write_durably(path: Path, data: bytes, tmp_dir: Path) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """(inode, size, modification time in ns) of ``path``; None when it does not exist.
+
+    A file written here is renamed over the old one, so every write changes its inode: two
+    equal stamps mean the file was not rewritten in between. One ``stat``, nothing read.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -480,7 +480,7 @@ class TriageModel:
             stride=max(1, patch // 2),
             baseline=1.0,
         )
-        return [input_map_to_image(m, display.shape, self.spec) for m in on_input]
+        return [input_map_to_image(m, display.shape, self.spec, stretch=False) for m in on_input]
 
     def _patch_maps(
         self,

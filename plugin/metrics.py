@@ -44,6 +44,8 @@ _COUNTERS: Final[dict[Stage, tuple[str, str]]] = {
     Stage.FAILED: ("pacsclip_failed", "Studies or dispatch jobs that failed for good"),
 }
 
+DISPATCH_OUTCOMES: Final = ("delivered", "retried", "failed")
+
 # The latency a stage reports, measured from the previous stage of the same study.
 _LATENCIES: Final[dict[Stage, tuple[str, str]]] = {
     Stage.COMPLETE: (
@@ -99,6 +101,13 @@ class PacsclipMetrics:
             ["site", "model"],
             registry=self.registry,
         )
+        self._dispatch_attempts = Counter(
+            "pacsclip_dispatch_attempts",
+            "Attempts of dispatch jobs by kind (results, webhook, hl7) and outcome "
+            "(delivered, retried, failed: dead-lettered)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
         self._catalog_gauges: CatalogGauges | None = None
 
     def observe_stage(self, stage: Stage | str, seconds: float | None = None) -> None:
@@ -125,6 +134,12 @@ class PacsclipMetrics:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self._ood_inputs.labels(site=site, model=model).inc(count)
+
+    def observe_dispatch(self, kind: str, outcome: str) -> None:
+        """Count one attempt of a dispatch job of ``kind`` that ended in ``outcome``."""
+        if outcome not in DISPATCH_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(DISPATCH_OUTCOMES)}")
+        self._dispatch_attempts.labels(kind=kind, outcome=outcome).inc()
 
     def include_catalog(self, read: Callable[[], CatalogSnapshot | None]) -> None:
         """Report catalog gauges at each scrape; calling it again replaces the reader."""

@@ -9,7 +9,7 @@ import ipaddress
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -46,6 +46,10 @@ class DicomPeer(BaseModel):
     port: int = Field(ge=1, le=65535)
 
 
+# The STAT webhook's and HL7 ORU's delivery jobs go to these (plugin.catalog.dispatch_jobs).
+RESERVED_DESTINATION_NAMES: Final = frozenset({"webhook", "hl7"})
+
+
 class DestinationConfig(BaseModel):
     """Where pacsclip's results (SR and overlays) go: a DICOM node by C-STORE (``ae_title``,
     ``host``, ``port``, optionally over TLS) or a DICOMweb server by STOW-RS (``url``)."""
@@ -65,6 +69,11 @@ class DestinationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> DestinationConfig:
+        if self.name in RESERVED_DESTINATION_NAMES:
+            raise ValueError(
+                f"destination {self.name!r}: the name is taken by the STAT notifications' "
+                "delivery jobs; choose another"
+            )
         dicom = (self.ae_title, self.host, self.port)
         if self.url is None and None in dicom:
             raise ValueError(
@@ -212,9 +221,9 @@ class Settings(BaseSettings):
     )
     result_regions: bool = Field(
         True,
-        description="Where each present finding is: a heat map per finding not absent, its "
-        "regions outlined in the SR (SCOORD), the overlay and the dashboard. Off: no map is "
-        "computed (faster), the SR says no region was computed, and no SEG is made.",
+        description="Where each present finding is: its regions outlined in the SR (SCOORD), "
+        "the overlay and the dashboard. Off: the overlays keep their heat maps, but findings "
+        "carry no region: the SR says none was computed, and no SEG is made.",
     )
     result_seg: bool = Field(
         True,
@@ -293,6 +302,13 @@ class Settings(BaseSettings):
         "worker early.",
     )
     dispatch_timeout_s: float = Field(30.0, gt=0, description="Timeout of one delivery.")
+    destination_probe_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="How often the DICOM node probes a destination that dead-lettered jobs "
+        "or jobs on a long backoff wait for (C-ECHO, its DICOMweb endpoint, or a TCP connect "
+        "to the webhook or HL7 receiver); when it answers, those jobs are queued again.",
+    )
 
     # Retention (unset: kept for ever; nothing is deleted unless configured)
     retention_spool_days: int | None = Field(

@@ -10,7 +10,6 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Final
 
@@ -27,7 +26,7 @@ from plugin.inference import TriageModel
 from plugin.metrics import PacsclipMetrics, Stage
 from plugin.models.bundle import Bundle
 from plugin.models.projection import text_encoder
-from plugin.models.registry import Registry, live_bundle
+from plugin.models.registry import Registry, live_bundle, live_model_ref
 from plugin.pipelines import RETRIEVAL, TRIAGE, pipelines_of
 from plugin.probes import Readiness
 from plugin.retrieval.service import NoTextTower, RetrievalService
@@ -35,7 +34,7 @@ from plugin.retrieval.sr_text import REPORT_SR_CLASSES, is_foreign_report, repor
 from plugin.retrieval.store import IndexStore, Kind
 from plugin.settings import Settings
 from plugin.task_queue import ANALYSE_STUDY, DISPATCH_QUEUE, DISPATCH_RESULT, FINETUNE_BUNDLE
-from plugin.triage.site_heads import load_active_site_heads
+from plugin.triage.site_heads import load_active_site_heads, site_heads_stamp
 from plugin.validation.intake import ReportIntake
 from plugin.validation.report_labeler import ReportRefused
 from plugin.validation.services import labeler_for, run_monitoring
@@ -52,6 +51,9 @@ class WorkerContext:
     # What the worker's /health answers: not ready until the model loaded and ran once and
     # the worker consumes (``worker.main`` says when).
     readiness: Readiness = field(default_factory=lambda: Readiness("starting"))
+    # The registry's state when the models were loaded (None: not loaded yet); a study finds
+    # the models reloaded first when it changed (``refresh_models``).
+    models_stamp: object = None
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -62,6 +64,7 @@ class WorkerContext:
         """The live model's bundle; None when no model is live (the built-in demo runs in
         shadow, ``demo_model = "shadow"``, and nothing was made live yet)."""
         settings = self.settings
+        self.models_stamp = self.registry_stamp()  # before reading: a change meanwhile shows
         bundle = live_bundle(settings.data_dir, settings.model_bundle, settings.demo_model)
         if bundle is None:
             logger.warning(
@@ -75,7 +78,10 @@ class WorkerContext:
         bundle = self.live
         if bundle is None:
             raise PacsclipError("no model is live")  # callers look at self.live first
-        # Site heads promoted with `pacsclip adapt promote`; read when the worker starts.
+        return self.analyser_for(bundle)
+
+    def analyser_for(self, bundle: Bundle) -> StudyAnalyser:
+        # Site heads promoted with `pacsclip adapt promote`; read with the model.
         site_heads = load_active_site_heads(self.settings.data_dir, bundle.ref)
         model = TriageModel(
             bundle,
@@ -88,8 +94,11 @@ class WorkerContext:
 
     @cached_property
     def shadows(self) -> list[ShadowAnalyser]:
-        """The candidates `pacsclip model shadow` names, loaded when the worker starts. One
-        that cannot load is logged and left out: a shadow never holds up the live results."""
+        return self.load_shadows()
+
+    def load_shadows(self) -> list[ShadowAnalyser]:
+        """The candidates `pacsclip model shadow` names. One that cannot load is logged and
+        left out: a shadow never holds up the live results."""
         registry = Registry.for_data_dir(self.settings.data_dir, self.settings.demo_model)
         loaded = []
         for shadow in registry.shadows():
@@ -162,14 +171,67 @@ class WorkerContext:
             self.readiness.set_not_ready(f"model failed its warm-up run: {exc}")
         # Imported by the first dispatch otherwise (pynetdicom and the STOW client with it).
         importlib.import_module("plugin.delivery.jobs")
-        for shadow in self.shadows:
-            try:
-                shadow.model.warm_up()
-            except PacsclipError as exc:
-                logger.error("shadow model %s not warmed up: %s", shadow.shadow.ref, exc)
+        warm_up_shadows(self.shadows)
         if ready_with is not None:
             self.readiness.set_not_ready(f"{ready_with}; not consuming yet")
         return ready_with
+
+    def registry_stamp(self) -> object:
+        """What changes when the live model, the shadow list or a site head changes: the
+        stamps of the registry file and of the site-head indexes (a ``stat`` each)."""
+        data_dir = self.settings.data_dir
+        return (
+            Registry.for_data_dir(data_dir, self.settings.demo_model).stamp(),
+            site_heads_stamp(data_dir),
+        )
+
+    def refresh_models(self) -> None:
+        """Before each analysis: when the registry changed since the models were loaded
+        (``pacsclip model install --activate``, ``model activate``, ``model promote``,
+        ``model shadow``, ``adapt promote``), load what it names now, so a running worker
+        follows it without a restart.
+
+        The new live model is loaded and run once before it replaces the old one. One that
+        fails keeps the old one analysing; it is logged, ``/health`` says so (503), and it
+        is tried again at the registry's next change. Shadows are reloaded as at start.
+        """
+        if self.models_stamp is None:
+            return  # nothing loaded yet: the first use loads what the registry names then
+        stamp = self.registry_stamp()
+        if stamp == self.models_stamp:
+            return
+        self.models_stamp = stamp  # a change that failed is not tried again at every study
+        settings = self.settings
+        old = self.__dict__.get("live")  # None too when the model failed at start
+        new_ref: str | None = None
+        try:
+            new_ref = live_model_ref(settings.data_dir, settings.model_bundle, settings.demo_model)
+            bundle = live_bundle(settings.data_dir, settings.model_bundle, settings.demo_model)
+            analyser = None if bundle is None else self.analyser_for(bundle)
+            if analyser is not None:
+                analyser.warm_up()
+        except Exception as exc:
+            # PacsclipError: it did not load (checksums, manifest); anything else: its run.
+            what = f"model {new_ref}" if new_ref else "the registry's live model"
+            logger.exception("%s not taken up; the model loaded before goes on", what)
+            still = "no live model loaded" if old is None else f"still analysing with {old.ref}"
+            self.readiness.set_not_ready(f"{what} failed to load: {exc}; {still}")
+            return
+        shadows = self.load_shadows()
+        warm_up_shadows(shadows)
+        self.live, self.shadows = bundle, shadows
+        if analyser is None:
+            self.__dict__.pop("analyser", None)
+            ready_with = "no model is live (shadow models only)"
+        else:
+            self.analyser = analyser
+            ready_with = f"model {analyser.model.bundle.ref} loaded and ran once"
+        # Retrieval reads the live model's indexes: open them anew (each catches up with
+        # the catalog when opened).
+        self.__dict__.pop("retrieval", None)
+        self.__dict__.pop("indexes", None)
+        logger.info("registry changed: now %s, %d shadow model(s)", ready_with, len(shadows))
+        self.readiness.set_ready(ready_with)
 
     def keep_reports(self, study_uid: str) -> None:
         """Store, label and index the text of reports (SRs from the PACS) that came with the
@@ -234,6 +296,14 @@ class WorkerContext:
             logger.exception("retrieval index of %s not updated", bundle.ref)
 
 
+def warm_up_shadows(shadows: list[ShadowAnalyser]) -> None:
+    for shadow in shadows:
+        try:
+            shadow.model.warm_up()
+        except PacsclipError as exc:
+            logger.error("shadow model %s not warmed up: %s", shadow.shadow.ref, exc)
+
+
 def context_of(task: Task) -> WorkerContext:
     context = getattr(task.app, "pacsclip", None)
     if not isinstance(context, WorkerContext):
@@ -243,6 +313,7 @@ def context_of(task: Task) -> WorkerContext:
 
 def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]:
     context = context_of(task)
+    context.refresh_models()
     pipelines = context.pipelines(study_uid)
     if TRIAGE not in pipelines:
         return retrieval_only(context, study_uid, generation)
@@ -260,7 +331,7 @@ def analyse_study(task: Task, study_uid: str, generation: int) -> dict[str, Any]
         for job_id in outcome.job_ids:
             task.app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
         if outcome.priority == "stat":
-            notify_stat(context, outcome.analysis_id)
+            notify_stat(task, context, outcome.analysis_id)
         # Last: the results are on their way before the index is touched.
         context.update_index()
         context.keep_reports(study_uid)
@@ -299,53 +370,49 @@ def score_without_live_model(
     return {"analysis_id": None, "jobs": [], "created": False, "live": False}
 
 
-def notify_stat(context: WorkerContext, analysis_id: int) -> None:
-    """Tell the worklist about a STAT result: webhook and HL7 ORU, where configured.
+def notify_stat(task: Task, context: WorkerContext, analysis_id: int) -> list[int]:
+    """Tell the worklist about a STAT result: a delivery job for the webhook and one for the
+    HL7 ORU, where configured, queued like the results' jobs (retried, dead-lettered,
+    replayable). The ids of the new jobs."""
+    from plugin.catalog.dispatch_jobs import add_notification_jobs
+    from plugin.delivery.notifications import configured_kinds
 
-    A notification that fails is logged, not retried by the task: the flag is in the catalog
-    and the API, and the SR still goes to the PACS.
-    """
-    from plugin.catalog.repository import stat_flag
-    from plugin.notify import NotificationError
-    from plugin.notify.hl7 import build_oru, send_mllp
-    from plugin.notify.webhook import notify_stat as post_webhook
-    from plugin.notify.webhook import stat_payload
-
-    settings = context.settings
-    with context.catalog.sessions() as session:
-        flag = stat_flag(session, analysis_id)
-    if settings.webhook_url:
-        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-        try:
-            post_webhook(settings.webhook_url, stat_payload(flag), secret=secret)
-        except NotificationError as exc:
-            logger.error("STAT webhook for analysis %d failed: %s", analysis_id, exc)
-    if settings.hl7_host and settings.hl7_port:
-        message = build_oru(
-            flag,
-            receiving_app=settings.hl7_receiving_app,
-            control_id=f"PACSCLIP{analysis_id}",
-            timestamp=datetime.now(UTC),
-        )
-        try:
-            send_mllp(settings.hl7_host, settings.hl7_port, message)
-        except (NotificationError, OSError) as exc:
-            logger.error("STAT HL7 message for analysis %d failed: %s", analysis_id, exc)
+    kinds = configured_kinds(context.settings)
+    if not kinds:
+        return []
+    with context.catalog.sessions.begin() as session:
+        job_ids = add_notification_jobs(session, analysis_id, kinds)
+    # Enqueued after the commit, so a dispatch never finds no row.
+    for job_id in job_ids:
+        task.app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
+    return job_ids
 
 
-def dispatch_result(task: Task, job_id: int) -> dict[str, Any]:
-    from plugin.delivery.jobs import DeadLettered, Delivered, RetryLater, deliver
+def dispatch_result(task: Task, job_id: int, early: bool = False) -> dict[str, Any]:
+    """One attempt of a dispatch job; ``early``: brought forward by the node's destination
+    probe, and not retried itself (the job's scheduled retry stays)."""
+    from plugin.delivery.jobs import DeadLettered, Delivered, RetryLater, StillWaiting, deliver
 
     context = context_of(task)
     outcome = deliver(
-        context.catalog.sessions, context.settings, job_id, attempt=task.request.retries
+        context.catalog.sessions,
+        context.settings,
+        job_id,
+        attempt=task.request.retries,
+        early=early,
     )
     if isinstance(outcome, RetryLater):
+        context.metrics.observe_dispatch(outcome.kind, "retried")
         raise task.retry(exc=outcome.error, countdown=outcome.countdown_s)
+    if isinstance(outcome, StillWaiting):
+        context.metrics.observe_dispatch(outcome.kind, "retried")
+        return {"job": job_id, "state": "pending"}
     if isinstance(outcome, DeadLettered):
+        context.metrics.observe_dispatch(outcome.kind, "failed")
         context.metrics.observe_stage(Stage.FAILED)
         return {"job": job_id, "state": "failed"}
     if isinstance(outcome, Delivered):
+        context.metrics.observe_dispatch(outcome.kind, "delivered")
         for _ in range(outcome.objects):
             context.metrics.observe_stage(Stage.DELIVERED, seconds=outcome.since_analysed_s)
         return {"job": job_id, "state": "delivered"}

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -202,17 +203,27 @@ class ResultObject(Base):
 
 
 class DispatchJob(Base):
-    """Delivery of one analysis's objects to one destination; failed = dead-lettered."""
+    """Delivery of one analysis's objects to one destination, or of its STAT flag to the
+    webhook or the HL7 receiver (``kind``); failed = dead-lettered."""
 
     __tablename__ = "dispatch_job"
     __table_args__ = (UniqueConstraint("analysis_id", "destination"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     analysis_id: Mapped[int] = mapped_column(ForeignKey("analysis.id"), index=True)
+    # results (SR, overlay, SEG to a destination) | webhook | hl7 (the STAT flag); for the
+    # last two the destination is the kind itself, a name no configured destination may take.
+    kind: Mapped[str] = mapped_column(String(16), default="results", server_default="results")
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), index=True)  # pending|delivered|failed
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Dead-lettered because its retries ran out on an error that sending again could fix
+    # (the destination was down): replayed when the destination answers again.
+    replayable: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # When the retry scheduled after a failed attempt is due; None when none is, or once the
+    # destination answered again and an early attempt was queued.
+    next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]

@@ -372,9 +372,11 @@ def recent_audit_events(
     events: Sequence[str] = (),
     study_uid: str | None = None,
     limit: int = 100,
+    offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """The newest audit entries first, as plain data (``pacsclip audit list``)."""
-    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    """The newest audit entries first, as plain data (``pacsclip audit list``, the operations
+    page); ``offset`` newer ones skipped."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit).offset(offset)
     if events:
         query = query.where(AuditEvent.event.in_(list(events)))
     if study_uid:
@@ -393,6 +395,11 @@ def recent_audit_events(
         }
         for e in session.scalars(query)
     ]
+
+
+def audit_event_names(session: Session) -> list[str]:
+    """Every event name the audit log holds, sorted (the operations page's filter)."""
+    return sorted(session.scalars(select(AuditEvent.event).distinct()))
 
 
 def cataloged_paths(session: Session) -> set[str]:

@@ -431,7 +431,7 @@ def study_deliveries(session: Session, study_uid: str) -> list[Delivery]:
             destination=job.destination,
             state=job.state,
             attempts=job.attempts,
-            objects=len(job.analysis.objects),
+            objects=len(job.analysis.objects) if job.kind == "results" else 0,
             last_error=job.last_error,
             updated_at=job.updated_at,
         )

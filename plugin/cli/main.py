@@ -217,7 +217,8 @@ def jobs_list(
         typer.echo("no jobs")
     for r in rows:
         typer.echo(
-            f"{r['id']:>5}  {r['state']:<9}  {r['destination']:<16} attempts={r['attempts']}  "
+            f"{r['id']:>5}  {r['state']:<9}  {r['kind']:<7}  {r['destination']:<16} "
+            f"attempts={r['attempts']}  "
             f"study={r['study_instance_uid']}  {r['last_error'] or ''}"
         )
 
@@ -233,9 +234,9 @@ def jobs_retry(
         str | None, typer.Option(help="With --all: only the jobs to this destination.")
     ] = None,
 ) -> None:
-    """Replay dead-lettered jobs: back to pending and onto the dispatch queue."""
-    from plugin.catalog.dispatch_jobs import requeue_all_failed_jobs
-    from plugin.delivery.jobs import replay
+    """Replay dead-lettered jobs (results, STAT webhook and HL7): back to pending and onto
+    the dispatch queue."""
+    from plugin.delivery.jobs import replay, replay_all
     from plugin.task_queue import DISPATCH_QUEUE, DISPATCH_RESULT, make_celery
 
     if bool(job_ids) == every:
@@ -244,9 +245,13 @@ def jobs_retry(
         raise fail("--destination goes with --all")
     settings = command_settings(ctx)
     sessions = open_sessions(settings)
+    app = make_celery(settings)
+
+    def enqueue(job_id: int) -> None:
+        app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
+
     if every:
-        with sessions.begin() as session:
-            queued = requeue_all_failed_jobs(session, destination)
+        queued = replay_all(sessions, enqueue, destination)
     else:
         queued = list(job_ids or [])
         for job_id in queued:
@@ -254,9 +259,8 @@ def jobs_retry(
                 replay(sessions, job_id)
             except (LookupError, ValueError) as exc:
                 raise fail(str(exc), 1) from exc
-    app = make_celery(settings)
-    for job_id in queued:
-        app.send_task(DISPATCH_RESULT, args=[job_id], queue=DISPATCH_QUEUE)
+        for job_id in queued:
+            enqueue(job_id)
     if len(queued) == 1 and not every:
         typer.echo(f"job {queued[0]} queued for dispatch again")
     else:

@@ -1,6 +1,6 @@
 """The PACS administrator's page: dead letters with retry, quarantine, routing rules with a
-"test this file" upload, per-site drift and adapted heads with promote, and the last hour of
-the Prometheus figures."""
+"test this file" upload, per-site drift and adapted heads with promote, the last hour of
+the Prometheus figures, and the audit log."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from io import BytesIO
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Form, HTTPException, Request, UploadFile, status
+from fastapi import APIRouter, Form, HTTPException, Query, Request, UploadFile, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from plugin.catalog.dispatch_jobs import recent_jobs
-from plugin.catalog.repository import list_quarantine
+from plugin.catalog.repository import audit_event_names, list_quarantine, recent_audit_events
 from plugin.dashboard import Dashboard
 from plugin.dashboard.pages import Board, PageViewer, PostViewer, render
 from plugin.delivery.jobs import replay
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES: Final = 64 * 1024 * 1024  # a header is all the rules read; big files waste time
 DRIFT_FOLDS: Final = 3
 PAGE_SAMPLE_AGE_S: Final = 2.0  # the plots end with figures this fresh
+AUDIT_PAGE_SIZE: Final = 50
+AUDIT_MAX_PAGE: Final = 200  # the newest 10,000 entries; `pacsclip audit list` reads as many
 
 
 def operations_page(
@@ -35,8 +37,11 @@ def operations_page(
     viewer: PageViewer,
     drift: bool = False,
     notice: str | None = None,
+    audit_event: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.-]{0,32}$")] = None,
+    audit_page: Annotated[int, Query(ge=1, le=AUDIT_MAX_PAGE)] = 1,
 ) -> HTMLResponse:
-    return _render(board, request, viewer, drift=drift, notice=notice)
+    audit = {"event": audit_event, "page": audit_page}
+    return _render(board, request, viewer, drift=drift, notice=notice, audit=audit)
 
 
 def _render(
@@ -48,13 +53,16 @@ def _render(
     notice: str | None = None,
     rule_test: dict[str, Any] | None = None,
     promotion: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
     board.history.sample_if_due(max_age_s=PAGE_SAMPLE_AGE_S)
+    audit = audit or {}
     with board.sessions() as session:
         dead_letters = recent_jobs(session, state="failed")
         quarantine = list_quarantine(session)
         drift_report = _drift(session) if drift else None
+        audit_log = _audit(session, audit.get("event"), audit.get("page", 1))
     return render(
         board,
         request,
@@ -71,6 +79,7 @@ def _render(
         plots=board.history.series(),
         plots_scraped=bool(board.history.scrape_urls),
         plots_unread=sorted(board.history.unreachable),
+        audit=audit_log,
         notice=_notice(notice),
     )
 
@@ -83,6 +92,28 @@ _NOTICES: Final = {
 def _notice(key: str | None) -> str | None:
     # Only fixed texts: a query parameter never becomes page content.
     return _NOTICES.get(key or "")
+
+
+# --- audit log -----------------------------------------------------------------------------
+
+
+def _audit(session: Any, event: str | None, page: int) -> dict[str, Any]:
+    """One page of the audit log, newest first, optionally of one event. The rows hold AE
+    titles, hosts, UIDs, statuses and details; never a patient's name or ID."""
+    rows = recent_audit_events(
+        session,
+        events=[event] if event else (),
+        limit=AUDIT_PAGE_SIZE + 1,  # one more: is there a next page?
+        offset=(page - 1) * AUDIT_PAGE_SIZE,
+    )
+    return {
+        "rows": rows[:AUDIT_PAGE_SIZE],
+        "events": audit_event_names(session),
+        "event": event or "",
+        "page": page,
+        "next": page + 1 if len(rows) > AUDIT_PAGE_SIZE and page < AUDIT_MAX_PAGE else None,
+        "previous": page - 1 if page > 1 else None,
+    }
 
 
 # --- dead letters --------------------------------------------------------------------------

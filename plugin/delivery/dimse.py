@@ -28,6 +28,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from plugin.delivery.outcome import DispatchError, SendReport, is_retryable_status
 from plugin.dicom_logging import quiet_identifiers
@@ -105,6 +106,22 @@ def send_files(
     )
     _raise_for_outcome(destination, report, unsendable, interrupted)
     return report
+
+
+def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 10) -> bool:
+    """Whether the destination answers a C-ECHO with success (over TLS when it is set)."""
+    quiet_identifiers()
+    try:
+        assoc = _associate(destination, [build_context(Verification)], calling_ae_title, timeout_s)
+    except DispatchError as exc:
+        logger.debug("C-ECHO to %s: %s", destination, exc)
+        return False
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return bool(status) and int(status.Status) == 0x0000
 
 
 def _read_meta(destination: Destination, path: Path) -> _Outgoing:

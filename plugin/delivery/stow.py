@@ -79,6 +79,28 @@ def stow_files(
     return report
 
 
+def answers(destination: StowDestination, *, timeout_s: float = 10) -> bool:
+    """Whether the DICOMweb service answers (a QIDO-RS search for one study): any HTTP
+    answer below 500 counts, so that a service that is up but lists nothing still does."""
+    headers = {"Accept": "application/dicom+json"}
+    if destination.bearer_token:
+        headers["Authorization"] = f"Bearer {destination.bearer_token}"
+    url = destination.url.rstrip("/") + "/studies?limit=1"
+    request = urllib.request.Request(url, headers=headers, method="GET")
+    try:
+        with urllib.request.urlopen(
+            request, timeout=timeout_s, context=_ssl_context(destination)
+        ) as response:
+            response.read()
+            return True
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code < 500
+    except (urllib.error.URLError, OSError) as exc:
+        logger.debug("DICOMweb probe of %s: %s", destination, exc)
+        return False
+
+
 def _sop_instance_uid(destination: StowDestination, path: Path) -> str:
     try:
         return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)

@@ -194,7 +194,9 @@ class Calibration(_Strict):
 
     temperature: float = Field(1.0, gt=0.0)
     bias: float = 0.0
-    threshold: Probability = 0.5
+    # Strictly inside (0, 1), as the triage's calibration requires: a threshold of 0 or 1
+    # would make every score one decision, and a bundle must not install that way.
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
     indeterminate_band: float = Field(0.1, ge=0.0, lt=0.5)
     fitted_on: str | None = None
 

@@ -36,7 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from plugin.durable import fsync_dir
+from plugin.durable import FileStamp, file_stamp, fsync_dir
 from plugin.errors import PacsclipError
 from plugin.models.bundle import (
     Bundle,
@@ -198,6 +198,11 @@ class Registry:
             return active
         demo = self._demo_dir()
         return None if demo is None else load_bundle(demo)
+
+    def stamp(self) -> FileStamp | None:
+        """Changes whenever the registry is written (install, activate, shadow); see
+        :func:`plugin.durable.file_stamp`. Running workers compare it to notice a change."""
+        return file_stamp(self.root / REGISTRY_FILE)
 
     def live_ref(self) -> str | None:
         """``name@version`` of :meth:`live`, without loading it."""

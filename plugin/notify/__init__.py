@@ -16,7 +16,14 @@ from plugin.errors import PacsclipError
 
 
 class NotificationError(PacsclipError):
-    """A receiver did not accept a flag after the allowed attempts; the message says why."""
+    """A receiver did not accept a flag after the allowed attempts; the message says why.
+
+    ``retryable`` is False when the receiver refused the flag itself, so that sending it
+    again would get the same answer."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def disclaimers(algorithm: Mapping[str, Any]) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ END_BLOCK: Final = b"\x1c\x0d"
 SEGMENT_SEPARATOR: Final = "\r"
 ENCODING_CHARACTERS: Final = "^~\\&"
 ACCEPTED: Final = frozenset({"AA", "CA"})
+REJECTED: Final = frozenset({"AR", "CR"})
 MAX_ACK_BYTES: Final = 1 << 20  # an ACK is a few hundred bytes; stop reading a runaway peer
 DEFAULT_SERVICE: Final = ("PACSCLIP-AI", "AI triage", "L")
 _PRIORITY_CODES: Final = {"stat": "S^STAT^HL70485", "routine": "R^Routine^HL70485"}
@@ -197,7 +198,11 @@ def check_ack(ack: str, control_id: str) -> None:
     if code not in ACCEPTED:
         reason = _field(msa, 3) or "no reason given"
         logger.warning("hl7 oru control_id=%s refused: %s", control_id, code)
-        raise NotificationError(f"HL7 receiver answered {code or 'no code'}: {reason}")
+        # AR/CR: the receiver rejects this message, so sending it again cannot help.
+        raise NotificationError(
+            f"HL7 receiver answered {code or 'no code'}: {reason}",
+            retryable=code not in REJECTED,
+        )
     if acked_id != control_id:
         raise NotificationError(f"HL7 ACK is for message {acked_id!r}, not {control_id!r}")
 

@@ -87,7 +87,9 @@ def notify_stat(
         if status is not None and 200 <= status < 300:
             return
         if not _worth_retrying(status):
-            raise NotificationError(f"the webhook refused the STAT flag: HTTP {status}")
+            raise NotificationError(
+                f"the webhook refused the STAT flag: HTTP {status}", retryable=False
+            )
         if attempt < retries:
             sleep(backoff_s * 2**attempt)
     last = f"HTTP {status}" if status is not None else "no response"

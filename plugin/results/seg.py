@@ -16,7 +16,6 @@ from typing import Final
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from matplotlib.path import Path as PolygonPath
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -138,21 +137,28 @@ def fill_outlines(outlines: Sequence[Outline], shape: tuple[int, int]) -> npt.ND
 
     Outlines are in DICOM image coordinates ((0, 0) the top-left pixel's top-left corner),
     so pixel (row, col) has its centre at (col + 0.5, row + 0.5); an outline along pixel
-    edges fills exactly the pixels it encloses.
+    edges fills exactly the pixels it encloses. A scanline fill: for each row of centres, the
+    outline's crossings in order, with the pixels between each entering and leaving one.
     """
     mask = np.zeros(shape, dtype=bool)
     for outline in outlines:
         points = np.asarray(outline, dtype=np.float64)
-        # Only the outline's bounding box is tested: regions are small beside a radiograph.
-        col0, row0 = (max(0, int(np.floor(v))) for v in points.min(axis=0))
-        col1 = min(shape[1], int(np.ceil(points[:, 0].max())))
-        row1 = min(shape[0], int(np.ceil(points[:, 1].max())))
-        if col1 <= col0 or row1 <= row0:
-            continue
-        cols, rows = np.meshgrid(np.arange(col0, col1) + 0.5, np.arange(row0, row1) + 0.5)
-        centres = np.column_stack([cols.ravel(), rows.ravel()])
-        inside = PolygonPath(points).contains_points(centres).reshape(cols.shape)
-        mask[row0:row1, col0:col1] |= inside
+        x0, y0 = points[:-1, 0], points[:-1, 1]
+        x1, y1 = points[1:, 0], points[1:, 1]
+        first = max(0, int(np.floor(points[:, 1].min())))
+        last = min(shape[0], int(np.ceil(points[:, 1].max())))
+        centres = np.arange(first, last) + 0.5
+        # Half-open in y, so a vertex shared by two edges is crossed once.
+        crossing = (y0[None, :] <= centres[:, None]) != (y1[None, :] <= centres[:, None])
+        dy = np.where(y1 != y0, y1 - y0, 1.0)
+        xs = x0 + (centres[:, None] - y0) / dy * (x1 - x0)
+        for offset, row in enumerate(range(first, last)):
+            cuts = np.sort(xs[offset][crossing[offset]])
+            # Pixel c is inside from entering at x to leaving at x' when x <= c + 0.5 < x'.
+            starts = np.clip(np.ceil(cuts[0::2] - 0.5), 0, shape[1]).astype(int)
+            stops = np.clip(np.ceil(cuts[1::2] - 0.5), 0, shape[1]).astype(int)
+            for start, stop in zip(starts, stops, strict=False):
+                mask[row, start:stop] = True
     return mask
 
 

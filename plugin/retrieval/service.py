@@ -25,6 +25,7 @@ from plugin.catalog import reports as stored_reports
 from plugin.catalog.embeddings import sop_instance_uids_of, study_vectors
 from plugin.catalog.repository import latest_findings
 from plugin.catalog.studies import studies_matching, study_attributes, study_id_of, study_patient
+from plugin.errors import PacsclipError
 from plugin.models.bundle import Bundle
 from plugin.retrieval.index import Hit, RetrievalError, VectorIndex, Vectors
 from plugin.retrieval.store import IndexStore, Kind
@@ -127,11 +128,16 @@ class RetrievalService:
         sessions: sessionmaker[Session],
         bundle: Callable[[], Bundle],
         text_encoder: Callable[[Bundle], TextEncoder | None],
+        changed: Callable[[], object] | None = None,
     ) -> None:
+        """``changed``: a stamp that changes when ``bundle`` may name another bundle (the
+        registry's); the bundle is loaded again then. None: loaded once."""
         self.sessions = sessions
         self.store = IndexStore(data_dir / "retrieval", sessions)
         self._bundle_factory = bundle
         self._text_encoder_factory = text_encoder
+        self._changed = changed
+        self._stamp: object = None
         self._bundle: Bundle | None = None
         self._encoder: TextEncoder | None = None
         self._lock = threading.Lock()
@@ -141,9 +147,26 @@ class RetrievalService:
     @property
     def bundle(self) -> Bundle:
         with self._lock:
+            stamp = None if self._changed is None else self._changed()
             if self._bundle is None:
-                self._bundle = self._bundle_factory()
+                self._bundle, self._stamp = self._bundle_factory(), stamp
+            elif stamp != self._stamp:
+                self._stamp = stamp  # one that fails is not tried again until the next change
+                self._bundle = self._reloaded(self._bundle)
             return self._bundle
+
+    def _reloaded(self, old: Bundle) -> Bundle:
+        """The registry changed: search with the model it names now (its own indexes); one
+        that does not load leaves ``old`` searching."""
+        try:
+            bundle = self._bundle_factory()
+        except PacsclipError as exc:
+            logger.error("search goes on with %s; the new model did not load: %s", old.ref, exc)
+            return old
+        if bundle.ref != old.ref:
+            logger.info("search now runs on %s (was %s)", bundle.ref, old.ref)
+            self._encoder = None
+        return bundle
 
     @property
     def model(self) -> dict[str, Any]:
@@ -418,13 +441,16 @@ def _excerpt(text: str) -> str:
 
 
 def service_for(settings: Settings, sessions: sessionmaker[Session]) -> RetrievalService:
-    """The service on the bundle the worker runs (``model_bundle``, else active, else demo)."""
+    """The service on the bundle the worker runs (``model_bundle``, else active, else demo),
+    following the registry when a model is activated."""
     from plugin.models.projection import text_encoder
-    from plugin.models.registry import resolve_bundle
+    from plugin.models.registry import Registry, resolve_bundle
 
+    registry = Registry.for_data_dir(settings.data_dir)
     return RetrievalService(
         settings.data_dir,
         sessions,
         lambda: resolve_bundle(settings.data_dir, settings.model_bundle),
         lambda bundle: text_encoder(bundle, threads=settings.inference_threads),
+        changed=None if settings.model_bundle is not None else registry.stamp,
     )

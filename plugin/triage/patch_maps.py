@@ -60,12 +60,18 @@ def finding_map(
 
 
 def input_map_to_image(
-    on_input: npt.ArrayLike, image_shape: tuple[int, int], spec: ImageSpec
+    on_input: npt.ArrayLike,
+    image_shape: tuple[int, int],
+    spec: ImageSpec,
+    *,
+    stretch: bool = True,
 ) -> Map:
     """A score map over the square model input -> [0, 1] map over the original image.
 
-    Min-max normalisation uses only the input pixels that show the image, so letterbox padding
-    (whose tokens score anything) neither sets the range nor appears in the result.
+    Normalisation uses only the input pixels that show the image, so letterbox padding (whose
+    tokens score anything) neither sets the range nor appears in the result: min-max for
+    scores of any sign, or, with ``stretch=False`` (a map already >= 0 where 0 means "no
+    effect", as occlusion's), division by the maximum only, so 0 stays 0.
     """
     height, width = image_shape
     if height < 1 or width < 1:
@@ -79,14 +85,21 @@ def input_map_to_image(
     if spec.resize == "letterbox":
         # The resized image sits inside the input, surrounded by padding.
         return resize_bilinear(
-            _min_max(source[top : top + new_h, left : left + new_w]), image_shape
+            _normalised(source[top : top + new_h, left : left + new_w], stretch), image_shape
         )
     if spec.resize == "stretch":
-        return resize_bilinear(_min_max(source), image_shape)
+        return resize_bilinear(_normalised(source, stretch), image_shape)
     # center-crop: the input is a window of the resized image; the rest was never seen.
     resized = np.zeros((new_h, new_w), dtype=np.float32)
-    resized[top : top + spec.size, left : left + spec.size] = _min_max(source)
+    resized[top : top + spec.size, left : left + spec.size] = _normalised(source, stretch)
     return np.clip(resize_bilinear(resized, image_shape), 0.0, 1.0)
+
+
+def _normalised(array: npt.NDArray[np.float32], stretch: bool) -> npt.NDArray[np.float32]:
+    if stretch:
+        return _min_max(array)
+    high = float(array.max())
+    return (np.clip(array, 0.0, None) / high).astype(np.float32) if high > 0 else array * 0
 
 
 def _min_max(array: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -29,7 +29,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from plugin.durable import write_durably
+from plugin.durable import FileStamp, file_stamp, write_durably
 from plugin.errors import ConfigError
 from plugin.triage.zeroshot import FloatArray, sigmoid
 
@@ -291,3 +291,11 @@ class SiteHeadRegistry:
 def load_active_site_heads(data_dir: Path, model_ref: str) -> dict[str, tuple[int, SiteHead]]:
     """Promoted heads by site key for a bundle, for ``TriageModel(site_heads=...)``."""
     return SiteHeadRegistry.for_data_dir(data_dir, model_ref).active_heads()
+
+
+def site_heads_stamp(data_dir: Path) -> tuple[tuple[str, FileStamp | None], ...]:
+    """The stamp of every bundle's site-head index: changes when a head is added or promoted
+    (``pacsclip adapt triage``, ``adapt promote``), so running workers notice."""
+    root = Path(data_dir) / "site-heads"
+    indexes = sorted(root.glob(f"*/{INDEX_FILE}")) if root.is_dir() else []
+    return tuple((path.parent.name, file_stamp(path)) for path in indexes)

@@ -4,8 +4,8 @@ Run from the repository root with the project's virtualenv:
 
     .venv/bin/python tests/benchmarks/e2e.py [--runs 20] [--warmup 1]
         [--scenarios default,no-regions,vit-b16] [--broker sqlite|redis|both]
-        [--datasets cr,ct] [--extra quiet-period|expected-count] [--ood-guard]
-        [--model-bundle DIR] [--model-cache DIR] [--json]
+        [--datasets cr,ct] [--extra quiet-period|expected-count] [--extra-runs 5]
+        [--ood-guard] [--model-bundle DIR] [--model-cache DIR] [--tmp-dir DIR] [--json]
 
 Debian's Orthanc is the PACS. ``pacsclip serve`` (DICOM node, one worker child, HTTP API) runs
 as a subprocess with a fresh data directory and default settings: completion when the pushing
@@ -538,12 +538,15 @@ def health_ok(api_url: str) -> bool:
         return False
 
 
-def worker_metrics_ok(url: str) -> bool:
+def worker_ready(metrics_url: str) -> bool:
+    """The worker's /health (beside its /metrics) answers 200 once its model loaded and ran
+    once and it consumes tasks; /metrics answers from the start."""
+    health = metrics_url.rsplit("/", 1)[0] + "/health"
     try:
-        scrape(url)
+        with urllib.request.urlopen(health, timeout=2) as answer:
+            return int(answer.status) == 200
     except (OSError, ValueError):
         return False
-    return True
 
 
 def wait_ready(process: subprocess.Popen[bytes], config: ServeConfig, log: Path) -> float:
@@ -558,7 +561,7 @@ def wait_ready(process: subprocess.Popen[bytes], config: ServeConfig, log: Path)
             )
         echoed = echoed or echo_ok(config.node_port)
         healthy = healthy or health_ok(config.api_url)
-        worker = worker or worker_metrics_ok(config.worker_metrics_url)
+        worker = worker or worker_ready(config.worker_metrics_url)
         if echoed and healthy and worker:
             return time.monotonic() - started
         time.sleep(0.2)

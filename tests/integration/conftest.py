@@ -210,16 +210,22 @@ def pipeline(
         slow_analysis_s: float = 0.0,
         bundle: Path | None = None,
         registry: bool = False,
+        replay_dead_letters: bool = False,
         **overrides: Any,
     ) -> Pipeline:
         """``bundle``: the worker's model (default: the tiny test bundle, which has no
         out-of-distribution reference and so scores every image); ``registry``: none, the
-        data directory's registry says what is live."""
+        data directory's registry says what is live; ``replay_dead_letters``: the node
+        probes destinations with dead letters and replays them (as ``pacsclip node`` does)."""
         model = None if registry else bundle or bundle_dir
         settings = make_settings(model_bundle=model, **overrides)
         catalog = open_catalog(settings.effective_database_url)
+        publisher = CeleryPublisher(make_celery(settings), catalog.sessions)
         node = DicomNode(
-            settings, catalog, publisher=CeleryPublisher(make_celery(settings), catalog.sessions)
+            settings,
+            catalog,
+            publisher=publisher,
+            enqueue_dispatch=publisher.dispatch if replay_dead_letters else None,
         )
         run = Pipeline(settings, node, model, tmp_path / "worker.log")
         if slow_analysis_s > 0:

@@ -239,6 +239,40 @@ def test_with_no_live_model_nothing_is_sent_until_one_goes_live(
     assert roles == {("pacsclip-demo", "live")}  # the live run replaced the shadow record
 
 
+def test_a_model_activated_while_the_worker_runs_analyses_the_next_study(
+    pipeline: Callable[..., Pipeline], bundle_dir: Path, tmp_path: Path
+) -> None:
+    """No restart: the worker notices the registry change before its next study."""
+    port = free_port()
+    out = tmp_path / "pacs"
+    out.mkdir()
+    [first] = ct_small_copies(1, tmp_path / "first")
+    [second] = ct_small_copies(1, tmp_path / "second")
+    uids = [str(dcmread(p).StudyInstanceUID) for p in (first, second)]
+    with storescp(port, out, aet="PACS"):
+        run = pipeline(
+            registry=True,
+            destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+        )
+        worker_pid = run.worker.pid
+        assert storescu([first], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+        run.wait_for_state(uids[0], "delivered")
+
+        installed = run.cli("model", "install", str(bundle_dir), "--activate")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert storescu([second], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+        run.wait_for_state(uids[1], "delivered")
+        assert run.worker.pid == worker_pid and run.worker.poll() is None
+
+    with run.node.sessions() as session:
+        algorithms = [repository.results_for(session, uid)[0]["algorithm"] for uid in uids]
+    assert [a["name"] for a in algorithms] == ["pacsclip-demo", "tiny-clip"]
+    tiny = AlgorithmIdentity("tiny-clip", "1.0.0", synthetic=True)
+    received = {str(dcmread(p).SOPInstanceUID) for p in out.iterdir()}
+    assert str(ResultUids(uids[1], tiny, 1).sr_instance) in received  # tiny-clip's SR went out
+    assert "registry changed: now model tiny-clip@1.0.0 loaded and ran once" in run.log.read_text()
+
+
 def test_a_study_routed_to_retrieval_only_is_indexed_and_nothing_is_sent(
     pipeline: Callable[..., Pipeline], tmp_path: Path
 ) -> None:

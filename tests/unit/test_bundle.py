@@ -312,3 +312,16 @@ def test_cli_errors_exit_2_with_what_to_fix(tmp_path: Path, bundle_dir: Path) ->
     code, out = cli(data, "activate", "nothing", "1")
     assert code == 2
     assert "no bundle named 'nothing'" in out
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_a_decision_threshold_of_zero_or_one_is_refused_at_install(
+    bundle_dir: Path, threshold: float
+) -> None:
+    # The triage's calibration refuses them; the bundle must not install only to fail there.
+    data = json.loads((bundle_dir / "bundle.json").read_text())
+    data["findings"][0]["calibration"] = {"threshold": threshold}
+    (bundle_dir / "bundle.json").write_text(json.dumps(data))
+
+    with pytest.raises(BundleError, match="threshold"):
+        load_bundle(bundle_dir)

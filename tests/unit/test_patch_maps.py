@@ -158,3 +158,15 @@ def test_a_declared_patch_grid_that_does_not_fit_the_tokens_is_an_error(
     assert declared.patch_grid(64) == (4, 16)
     with pytest.raises(BundleError, match="declares a 4x16 patch grid but"):
         declared.patch_grid(60)
+
+
+def test_an_occlusion_map_keeps_its_zero_where_a_score_map_is_stretched() -> None:
+    on_input = np.full((32, 32), 0.5, dtype=np.float32)
+    on_input[8:16, 8:16] = 1.0
+
+    stretched = input_map_to_image(on_input, (32, 32), _spec("stretch"))
+    kept = input_map_to_image(on_input, (32, 32), _spec("stretch"), stretch=False)
+
+    # Min-max puts the floor at 0; for occlusion 0.5 means "half the drop", not nothing.
+    assert stretched.min() == pytest.approx(0.0) and kept.min() == pytest.approx(0.5)
+    assert kept.max() == pytest.approx(1.0)
