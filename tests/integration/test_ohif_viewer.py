@@ -43,7 +43,12 @@ if not dicomweb_installed():
 if not ohif_installed():
     pytest.skip("OHIF's build is not in .cache/ohif (scripts/bootstrap)", allow_module_level=True)
 
-from selenium.common.exceptions import WebDriverException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.command import Command
@@ -53,7 +58,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 DEMO_SEED = 11
 DEMO_COUNT = 3
-WAIT_S = 30
+WAIT_S = 45
 # SR content: Imaging Measurements, Measurement Group, Tracking Unique Identifier, Finding,
 # Probability, and the decision value Present (CID 240).
 IMAGING_MEASUREMENTS = ("126010", "DCM")
@@ -196,10 +201,21 @@ def page_state(driver: WebDriver) -> str:
     return "\n".join(["page:", *elements, "console:", *console])
 
 
+def wait(driver: WebDriver, seconds: float) -> WebDriverWait[WebDriver]:
+    """A wait that polls through OHIF's re-renders: an element found a moment ago may be
+    replaced before it is read (a stale reference), which is no answer yet."""
+    return WebDriverWait(
+        driver,
+        seconds,
+        poll_frequency=0.25,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+
+
 def until(driver: WebDriver, check: Callable[[WebDriver], Any], what: str) -> Any:
     """Wait up to WAIT_S for check to return something truthy; fail with the page's state."""
     try:
-        return WebDriverWait(driver, WAIT_S, poll_frequency=0.25).until(check)
+        return wait(driver, WAIT_S).until(check)
     except WebDriverException as exc:
         pytest.fail(f"OHIF did not show {what} within {WAIT_S} s\n{page_state(driver)}\n{exc}")
 
@@ -211,6 +227,26 @@ def series_thumbnail(driver: WebDriver, modality: str) -> WebElement | None:
         f"[.//*[@data-cy='series-modality-label' and normalize-space()='{modality}']]",
     )
     return found[0] if found else None
+
+
+def open_series(
+    driver: WebDriver, modality: str, opened: Callable[[WebDriver], Any], what: str
+) -> None:
+    """Double-click the series' thumbnail until `opened` holds. OHIF sometimes loses a double
+    click that lands while the study browser re-renders, or opens an SR before the image it
+    refers to has loaded and then draws nothing; a person would reload the page and open it
+    again, and so does this, up to three times."""
+    for attempt in range(3):
+        if attempt:
+            driver.refresh()
+        thumbnail = until(driver, lambda d: series_thumbnail(d, modality), f"the {modality} series")
+        ActionChains(driver).double_click(thumbnail).perform()
+        try:
+            wait(driver, WAIT_S / 3).until(opened)
+            return
+        except TimeoutException:
+            continue
+    until(driver, opened, what)
 
 
 def visible_texts(driver: WebDriver, css: str) -> list[str]:
@@ -270,9 +306,17 @@ def check_sr(result: Delivered, browser: WebDriver, tmp_path: Path) -> None:
     # Opened, the SR draws each present finding's region on the image it refers to, as an SVG
     # polyline of the SCOORD's points, labelled with its probability (the label's annotation
     # UID is the group's Tracking Unique Identifier).
-    ActionChains(browser).double_click(sr_thumbnail).perform()
     with_regions = [f for f in result.findings if f.regions]
     assert with_regions, f"no present finding has a region in the SR: {result.findings}"
+    first = with_regions[0].tracking_uid
+    open_series(
+        browser,
+        "SR",
+        lambda d: d.find_elements(
+            By.CSS_SELECTOR, f"svg.svg-layer g[data-annotation-uid='{first}']"
+        ),
+        "the SR opened with its regions drawn (docs/viewers.md, rules 1-3)",
+    )
     for finding in with_regions:
         label = until(
             browser,
@@ -322,19 +366,28 @@ def check_seg(result: Delivered, browser: WebDriver, tmp_path: Path) -> None:
     assert result.seg is not None, "pacsclip sent no SEG into the study"
     segments = [str(s.SegmentLabel) for s in result.seg.SegmentSequence]
     assert len(segments) == sum(1 for f in result.findings if f.regions)
-    seg_thumbnail = until(browser, lambda d: series_thumbnail(d, "SEG"), "the SEG series")
-    ActionChains(browser).double_click(seg_thumbnail).perform()
-    until(
-        browser,
-        lambda d: d.find_elements(By.CSS_SELECTOR, "[data-cy='yes-hydrate-btn']"),
-        "the SEG loaded (docs/viewers.md, rule 7)",
-    )[0].click()
-    open_right_panel(browser, "panelSegmentation")
-    until(
-        browser,
-        lambda d: set(segments) <= set(visible_texts(d, "[data-cy='data-row-title']")),
-        f"the segments {segments} in the Segmentation panel",
-    )
+
+    def listed(driver: WebDriver) -> bool:
+        return set(segments) <= set(visible_texts(driver, "[data-cy='data-row-title']"))
+
+    # As for the SR, OHIF now and then loses the first opening; reload and open it again.
+    for attempt in range(3):
+        if attempt:
+            browser.refresh()
+        open_series(
+            browser,
+            "SEG",
+            lambda d: d.find_elements(By.CSS_SELECTOR, "[data-cy='yes-hydrate-btn']"),
+            "the SEG loaded (docs/viewers.md, rule 7)",
+        )
+        browser.find_elements(By.CSS_SELECTOR, "[data-cy='yes-hydrate-btn']")[0].click()
+        open_right_panel(browser, "panelSegmentation")
+        try:
+            wait(browser, WAIT_S / 3).until(listed)
+            break
+        except TimeoutException:
+            continue
+    until(browser, listed, f"the segments {segments} in the Segmentation panel")
     errors = severe_console_errors(browser)
     assert not errors, f"OHIF logged errors: {errors}"
     screenshot(browser, "ohif-seg", tmp_path)

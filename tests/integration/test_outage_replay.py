@@ -163,3 +163,37 @@ def test_dead_letters_are_replayed_once_orthanc_and_the_webhook_are_back(
         for name in ("pacs", "webhook")
     }
     assert replayed == {"pacs": STUDIES, "webhook": STUDIES}
+
+
+def test_a_job_on_a_long_backoff_is_sent_as_soon_as_orthanc_answers(
+    pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    http_port, dicom_port = free_port(), free_port()
+    run = pipeline(
+        destinations=[
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}
+        ],
+        dispatch_backoff_s=120.0,  # the next retry would come long after Orthanc is back
+        dispatch_backoff_max_s=120.0,
+        destination_probe_interval_s=1.0,
+        replay_dead_letters=True,
+    )
+    [source] = ct_small_copies(1, tmp_path / "src")
+    study_uid = str(dcmread(source).StudyInstanceUID)
+    assert storescu([source], "127.0.0.1", run.node.port, aec="PACSCLIP").statuses == [0]
+
+    def waiting() -> bool:
+        with run.node.sessions() as session:
+            job = session.scalar(select(DispatchJob))
+            return job is not None and job.attempts == 1 and job.next_attempt_at is not None
+
+    wait_until(waiting, "a first failed attempt", run, 60)
+    with OrthancServer(
+        workdir=tmp_path / "orthanc", http_port=http_port, dicom_port=dicom_port
+    ) as orthanc:
+        run.wait_for_state(study_uid, "delivered", timeout_s=30)
+        assert orthanc_uids(orthanc, study_uid) == result_uids(run, study_uid)
+    assert job_states(run) == [("results", "delivered")]
+    pending = {"destination": "pacs", "was": "pending"}
+    registry = run.node.metrics.registry
+    assert registry.get_sample_value("pacsclip_replayed_dispatch_jobs_total", pending) == 1

@@ -1,4 +1,4 @@
-"""A 90-second soak (tests/soak/run.py): node, workers on RabbitMQ, API, private PostgreSQL and
+"""A one-minute soak (tests/soak/run.py): node, workers on RabbitMQ, API, private PostgreSQL and
 Orthanc, with kill -9 of workers and node, an Orthanc outage and a PostgreSQL restart."""
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ from tests.soak.run import SoakConfig, run_soak
 def test_short_soak_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
     if postgres_bin_dir() is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    config = SoakConfig(studies=75, minutes=1.5, workers=2, seed=7, settle_timeout_s=240)
+    # One minute keeps the default run short; kills come more often than in a long soak so
+    # that each kind of failure still happens several times.
+    config = SoakConfig(
+        studies=50,
+        minutes=1.0,
+        workers=2,
+        seed=7,
+        worker_kill_every_s=12.0,
+        node_kill_every_s=40.0,
+        orthanc_outage_s=15.0,
+        settle_timeout_s=240,
+    )
 
     text, passed = run_soak(config, tmp_path)
 
