@@ -7,7 +7,9 @@ Each kind has its own age limit (``retention_<kind>_days``; unset: kept for ever
 - ``results``: pacsclip's own SR, overlay and SEG files once every destination has them;
 - ``quarantine``: refused objects with their reasons;
 - ``embeddings``: image and report embeddings, and their entries in the similar-case index;
-- ``cache``: the images the dashboard rendered.
+- ``cache``: the images the dashboard rendered;
+- ``access_log``: entries of the access log (who saw what): only ever by age, never by a
+  purge of the data they describe nor by the free-disk floor.
 
 A free-disk floor (``retention_free_disk_floor_mb``) deletes the oldest items of the kinds in
 ``retention_disk_kinds`` first, whatever their age, until the free space under the data
@@ -33,6 +35,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from plugin.catalog import access_log
 from plugin.catalog import retention as rows
 from plugin.catalog.db import Catalog
 from plugin.purge import DASHBOARD_CACHE, RETRIEVAL, rebuild_indexes
@@ -50,6 +53,7 @@ class RetentionKind(StrEnum):
     QUARANTINE = "quarantine"
     EMBEDDINGS = "embeddings"
     CACHE = "cache"
+    ACCESS_LOG = "access_log"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class RetentionPolicy:
             RetentionKind.QUARANTINE: settings.retention_quarantine_days,
             RetentionKind.EMBEDDINGS: settings.retention_embeddings_days,
             RetentionKind.CACHE: settings.retention_cache_days,
+            RetentionKind.ACCESS_LOG: settings.retention_access_log_days,
         }
         floor = settings.retention_free_disk_floor_mb
         return cls(
@@ -198,6 +203,9 @@ class _Run:
         if kind is RetentionKind.EMBEDDINGS:
             self._embeddings(before)
             return
+        if kind is RetentionKind.ACCESS_LOG:
+            self._access_log(before)
+            return
         while True:
             items = self._items(kind, before, PREVIEW_LIMIT if self.dry_run else BATCH)
             for _, _, delete in items:
@@ -205,6 +213,14 @@ class _Run:
             # A dry run deletes nothing, so the next query would return the same items.
             if self.dry_run or len(items) < BATCH:
                 return
+
+    def _access_log(self, before: datetime) -> None:
+        with self.catalog.sessions.begin() as session:
+            if self.dry_run:
+                gone = access_log.count_older_than(session, before)
+            else:
+                gone = access_log.delete_older_than(session, before)
+        self.report.add(RetentionKind.ACCESS_LOG, gone, 0)
 
     def _embeddings(self, before: datetime) -> None:
         with self.catalog.sessions() as session:

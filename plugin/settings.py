@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -21,6 +22,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from plugin.errors import ConfigError
+from plugin.roles import ALL_ROLES, DEFAULT_ROLE_GROUPS, Role
 from plugin.viewer_links import OHIF_TEMPLATE, check_base, check_template
 
 
@@ -335,6 +337,12 @@ class Settings(BaseSettings):
     retention_cache_days: int | None = Field(
         None, ge=1, description="Images the dashboard rendered (its cache) older than this."
     )
+    retention_access_log_days: int | None = Field(
+        None,
+        ge=1,
+        description="Age after which access-log entries go (HIPAA asks for 6 years: 2190). "
+        "Purging a patient's data never removes them.",
+    )
     retention_free_disk_floor_mb: int | None = Field(
         None,
         ge=1,
@@ -358,6 +366,57 @@ class Settings(BaseSettings):
     api_port: int = Field(8080, ge=0, le=65535, description="HTTP API port.")
     api_token: SecretStr | None = Field(
         None, description="Bearer token of /api; unset: every call but health answers 503."
+    )
+    api_token_roles: list[Role] = Field(
+        default_factory=lambda: sorted(ALL_ROLES),
+        description="Roles of api_token, for machines and for a dashboard login with it: all "
+        "four unless narrowed. Named tokens with their own roles: `pacsclip tokens create`.",
+    )
+    session_secret: SecretStr | None = Field(
+        None,
+        description="Key that signs the dashboard's session cookies; unset: derived from "
+        "api_token, else a random key kept in the data dir (`session-secret`).",
+    )
+    dashboard_token_login: bool | None = Field(
+        None,
+        description="Whether the dashboard's login page takes api_token; unset: only while no "
+        "OpenID Connect provider is configured (people then sign in as themselves).",
+    )
+    oidc_issuer: str | None = Field(
+        None,
+        description="OpenID Connect issuer of the hospital's identity provider (e.g. "
+        "`https://login.microsoftonline.com/TENANT/v2.0`, "
+        "`https://keycloak.example.org/realms/hospital`); its "
+        "`/.well-known/openid-configuration` is read at start. Unset: no single sign-on.",
+    )
+    oidc_client_id: str | None = Field(
+        None, description="pacsclip's client (application) id at the provider."
+    )
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="The client's secret (a confidential client; PKCE is always used)."
+    )
+    oidc_scopes: str = Field(
+        "openid profile email", description="Scopes asked for at sign-in, space-separated."
+    )
+    oidc_groups_claim: str = Field(
+        "groups",
+        description="The ID token (or userinfo) claim that lists the person's groups.",
+    )
+    oidc_role_groups: dict[Role, list[str]] = Field(
+        default_factory=lambda: {role: list(g) for role, g in DEFAULT_ROLE_GROUPS.items()},
+        description="Which provider groups give which role (JSON in the environment): Entra "
+        "sends group object IDs, Keycloak group names (or paths with full path on).",
+    )
+    oidc_redirect_uri: str | None = Field(
+        None,
+        description="The redirect URI registered at the provider; unset: the dashboard's own "
+        "address + `/auth/callback` (set it behind a reverse proxy).",
+    )
+    oidc_provider_name: str = Field(
+        "single sign-on", description="The provider as the login button names it."
+    )
+    oidc_timeout_s: float = Field(
+        5.0, gt=0, description="How long a call to the identity provider may take."
     )
     viewer_base_url: str | None = Field(
         None,
@@ -461,6 +520,27 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _single_sign_on(self) -> Settings:
+        if self.oidc_issuer is None:
+            return self
+        issuer = make_url_parts(self.oidc_issuer)
+        if issuer is None:
+            raise ValueError(f"oidc_issuer {self.oidc_issuer!r} is not an http(s) URL")
+        scheme, host = issuer
+        if scheme != "https" and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"oidc_issuer must be https (got {self.oidc_issuer!r}): tokens and codes "
+                "would cross the network in clear"
+            )
+        if not self.oidc_client_id:
+            raise ValueError("oidc_issuer needs oidc_client_id (and usually oidc_client_secret)")
+        if "openid" not in self.oidc_scopes.split():
+            raise ValueError(f"oidc_scopes must include openid (got {self.oidc_scopes!r})")
+        if not any(self.oidc_role_groups.values()):
+            raise ValueError("oidc_role_groups maps no group to any role: nobody could sign in")
+        return self
+
+    @model_validator(mode="after")
     def _viewer_link(self) -> Settings:
         check_template(self.viewer_url_template)
         check_base(self.viewer_base_url)
@@ -478,6 +558,16 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"hl7_allowed_hosts: {host!r} is not an IP address") from exc
         return self
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return self.oidc_issuer is not None
+
+    @property
+    def token_login_enabled(self) -> bool:
+        if self.dashboard_token_login is None:
+            return not self.oidc_enabled
+        return self.dashboard_token_login
 
     @classmethod
     def settings_customise_sources(
@@ -554,3 +644,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return FileSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def make_url_parts(url: str) -> tuple[str, str] | None:
+    """(scheme, host) of an http(s) URL, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname

@@ -22,8 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from plugin.access.authn import Authenticator
+from plugin.access.enforce import Forbidden, access_recorder, authorize
 from plugin.api import retrieval_routes
-from plugin.api.auth import BearerAuth
 from plugin.api.revisit_routes import revisit_router
 from plugin.catalog import repository
 from plugin.catalog.db import ping
@@ -73,7 +74,9 @@ def create_app(
     failed_dispatch_jobs: FailedJobsCounter | None = None,
     retrieval: RetrievalService | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="pacsclip worklist API", version="1")
+    # Every route, API and dashboard alike, goes through one access check (plugin.access).
+    app = FastAPI(title="pacsclip worklist API", version="1", dependencies=[Depends(authorize)])
+    app.state.auth = Authenticator(settings)
     app.state.context = ApiContext(sessions, metrics, results_for, object_file)
     app.state.retrieval = retrieval
     metrics.include_catalog(partial(read_catalog, sessions, failed_dispatch_jobs))
@@ -82,20 +85,20 @@ def create_app(
         MonitoringGauges(MonitorStore(settings.data_dir / "monitoring").latest)
     )
     app.add_exception_handler(SQLAlchemyError, _catalog_unavailable)
+    app.add_exception_handler(Forbidden, forbidden_json)
+    app.middleware("http")(access_recorder(sessions))
 
-    auth = [Depends(BearerAuth(settings.api_token))]
     app.add_api_route("/api/health", health, methods=["GET"])
-    app.add_api_route("/api/studies", list_studies, methods=["GET"], dependencies=auth)
-    app.add_api_route("/api/studies/{study_uid}", get_study, methods=["GET"], dependencies=auth)
+    app.add_api_route("/api/studies", list_studies, methods=["GET"])
+    app.add_api_route("/api/studies/{study_uid}", get_study, methods=["GET"])
     app.add_api_route(
         "/api/studies/{study_uid}/objects/{sop_instance_uid}",
         get_object,
         methods=["GET"],
-        dependencies=auth,
         response_class=FileResponse,
     )
-    app.include_router(retrieval_routes.router(auth))
-    app.include_router(revisit_router(settings, sessions), dependencies=auth)
+    app.include_router(retrieval_routes.router())
+    app.include_router(revisit_router(settings, sessions))
     # Unauthenticated like most scrape targets: counts and durations only, no patient data.
     app.add_api_route("/metrics", render_metrics, methods=["GET"], include_in_schema=False)
     return app
@@ -195,6 +198,11 @@ def read_catalog(
         logger.warning("metrics: catalog unreachable (%s)", type(exc).__name__)
         return None
     return CatalogSnapshot(counts, failed)
+
+
+async def forbidden_json(request: Request, exc: Exception) -> JSONResponse:
+    message = exc.message if isinstance(exc, Forbidden) else "forbidden"
+    return JSONResponse({"detail": message}, status.HTTP_403_FORBIDDEN)
 
 
 async def _catalog_unavailable(request: Request, exc: Exception) -> JSONResponse:

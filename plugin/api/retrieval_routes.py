@@ -94,8 +94,8 @@ def _answer(call: Any) -> dict[str, Any]:
     return result
 
 
-def router(dependencies: list[Any]) -> APIRouter:
-    routes = APIRouter(dependencies=dependencies)
+def router() -> APIRouter:
+    routes = APIRouter()
     routes.add_api_route("/api/studies/{study_uid}/similar", similar, methods=["GET"])
     routes.add_api_route("/api/search", search, methods=["GET"])
     routes.add_api_route(

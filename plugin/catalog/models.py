@@ -134,6 +134,30 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
+class AccessEvent(Base):
+    """Who saw or changed what: one person's (or machine token's) access to patient data, a
+    state-changing action, a refusal. Only ever inserted by the application; retention
+    (``retention_access_log_days``) removes old entries, a purge of the data never does."""
+
+    __tablename__ = "access_event"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    subject: Mapped[str] = mapped_column(String(255))
+    display_name: Mapped[str] = mapped_column(String(255))
+    roles: Mapped[str] = mapped_column(String(100))
+    via: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(48), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    route: Mapped[str] = mapped_column(String(200))  # as declared: UIDs stay parameters
+    status: Mapped[int] = mapped_column(Integer)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    # Copied when the access happens, so the entry still answers after the study is purged.
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    client_host: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
 class QuarantineEntry(Base):
     """An object that was refused, kept on disk with the reason the operator reads."""
 

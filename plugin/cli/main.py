@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from plugin.cli.access_cmd import print_access_log, tokens_app
 from plugin.cli.adapt_cmd import adapt_app
 from plugin.cli.common import (
     JsonFlag,
@@ -75,6 +76,7 @@ app.command()(search)
 app.command("hl7-listen")(hl7_listen)
 app.command()(purge)
 app.add_typer(retention_app, name="retention")
+app.add_typer(tokens_app, name="tokens")
 
 
 @app.callback()
@@ -359,13 +361,35 @@ def audit_list(
         typer.Option(help="Only this event (repeatable): golive, golive_refused, stored, ..."),
     ] = None,
     study: Annotated[str | None, typer.Option(help="Only entries about this study.")] = None,
+    patient_id: Annotated[
+        str | None,
+        typer.Option("--patient-id", help="The access log: who saw this patient's data, and when."),
+    ] = None,
+    person: Annotated[
+        str | None,
+        typer.Option(help="The access log: what this person (subject, or token:NAME) did."),
+    ] = None,
+    access: Annotated[
+        bool, typer.Option("--access", help="The access log (people's views and actions).")
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many.")] = 100,
     as_json: JsonFlag = False,
 ) -> None:
     """Audit entries, newest first: what was received or refused and from whom, go-live
-    decisions and overrides with their reasons."""
+    decisions and overrides with their reasons. With --patient-id, --person or --access: the
+    access log, who saw which study and patient and who changed what."""
     from plugin.catalog.repository import recent_audit_events
 
+    if patient_id is not None or person is not None or access:
+        print_access_log(
+            command_settings(ctx),
+            patient_id=patient_id,
+            person=person,
+            study=study,
+            limit=limit,
+            as_json=as_json,
+        )
+        return
     with open_sessions(command_settings(ctx))() as session:
         rows = recent_audit_events(session, events=event or (), study_uid=study, limit=limit)
     if as_json:

@@ -8,6 +8,7 @@ it needs reaches the routes through ``app.state.dashboard``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ from fastapi.templating import Jinja2Templates
 from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
+from plugin.access.authn import Authenticator
+from plugin.access.enforce import Forbidden
+from plugin.access.oidc import HANDSHAKE_COOKIE, HANDSHAKE_MAX_AGE_S, OidcSignIn
 from plugin.dashboard.images import PngCache
 from plugin.dashboard.metrics_history import MetricsHistory
-from plugin.dashboard.session import DashboardAuth, LoginRequired, login_location
+from plugin.dashboard.session import LoginRequired, login_location
 from plugin.disclaimers import NOT_FOR_DIAGNOSIS, SYNTHETIC_MODEL
 from plugin.metrics import PacsclipMetrics
 from plugin.retrieval.service import RetrievalService
@@ -33,6 +37,8 @@ from plugin.settings import Settings
 
 if TYPE_CHECKING:
     from plugin.dashboard.validation import ValidationSource
+
+logger = logging.getLogger(__name__)
 
 PACKAGE: Final = Path(__file__).parent
 # Routing decision for one file: (header-only dataset, calling AE title) -> decision as a dict.
@@ -51,7 +57,8 @@ CONTENT_SECURITY_POLICY: Final = (
 class Dashboard:
     settings: Settings
     sessions: sessionmaker[Session]
-    auth: DashboardAuth
+    auth: Authenticator
+    oidc: OidcSignIn | None
     templates: Jinja2Templates
     images: PngCache
     history: MetricsHistory
@@ -123,13 +130,18 @@ def mount_dashboard(
     rule_tester: RuleTester | None = None,
     enqueue_dispatch: DispatchEnqueuer | None = None,
 ) -> None:
-    from plugin.dashboard import operations, pages, validation
+    from starlette.middleware.sessions import SessionMiddleware
+
+    from plugin.dashboard import access_log, operations, pages, sign_in, validation
 
     history = MetricsHistory(metrics.registry, scrape_urls=settings.metrics_scrape_urls)
+    auth: Authenticator = app.state.auth
+    oidc = OidcSignIn(settings) if settings.oidc_enabled else None
     app.state.dashboard = Dashboard(
         settings=settings,
         sessions=sessions,
-        auth=DashboardAuth(settings.api_token),
+        auth=auth,
+        oidc=oidc,
         templates=make_templates(),
         images=PngCache(Path(settings.data_dir) / "dashboard-cache"),
         history=history,
@@ -138,18 +150,52 @@ def mount_dashboard(
         enqueue_dispatch=enqueue_dispatch,
         validation=validation.ValidationSource(settings, sessions),
     )
+    app.include_router(sign_in.router())
     app.include_router(pages.router())
     app.include_router(operations.router())
     app.include_router(validation.router())
+    app.include_router(access_log.router())
     app.mount("/static", StaticFiles(directory=PACKAGE / "static"), name="static")
     app.add_exception_handler(LoginRequired, _to_login)
+    app.add_exception_handler(Forbidden, _forbidden_page)
     app.middleware("http")(_security_headers)
-    _sample_while_serving(app, history)
+    if oidc is not None:
+        # Only the handshake's state (state, nonce, PKCE verifier, where to go next), for ten
+        # minutes, under /auth; Lax, since the provider's redirect back is a cross-site GET.
+        app.add_middleware(
+            SessionMiddleware,
+            secret_key=auth.signing_key,
+            session_cookie=HANDSHAKE_COOKIE,
+            max_age=HANDSHAKE_MAX_AGE_S,
+            path="/auth",
+            same_site="lax",
+        )
+    _sample_while_serving(app, history, oidc)
 
 
 async def _to_login(request: Request, exc: Exception) -> Response:
     next_path = exc.next_path if isinstance(exc, LoginRequired) else "/"
     return RedirectResponse(login_location(next_path), status_code=303)
+
+
+async def _forbidden_page(request: Request, exc: Exception) -> Response:
+    from plugin.api.app import forbidden_json
+    from plugin.dashboard.pages import render
+
+    if request.url.path.startswith("/api/") or not isinstance(exc, Forbidden):
+        return await forbidden_json(request, exc)
+    board = dashboard(request)
+    needed = sorted(str(r) for r in exc.rule.roles or ())
+    return render(
+        board,
+        request,
+        "forbidden.html",
+        exc.principal,
+        403,
+        needed=needed,
+        message=exc.message,
+        provider=board.oidc.provider_name if board.oidc else None,
+    )
 
 
 async def _security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -163,12 +209,15 @@ async def _security_headers(request: Request, call_next: Callable[[Request], Any
     return response
 
 
-def _sample_while_serving(app: FastAPI, history: MetricsHistory) -> None:
-    """Sample the metrics in the background for as long as the server runs."""
+def _sample_while_serving(app: FastAPI, history: MetricsHistory, oidc: OidcSignIn | None) -> None:
+    """Sample the metrics in the background for as long as the server runs; at start, say
+    whether the identity provider answers."""
     previous = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(running: Any) -> AsyncIterator[Any]:
+        if oidc is not None:
+            await _report_provider(oidc)
         history.start()
         try:
             async with previous(running) as state:
@@ -177,3 +226,14 @@ def _sample_while_serving(app: FastAPI, history: MetricsHistory) -> None:
             history.stop()
 
     app.router.lifespan_context = lifespan
+
+
+async def _report_provider(oidc: OidcSignIn) -> None:
+    from plugin.access.oidc import ProviderUnavailable
+
+    try:
+        await oidc.check_provider()
+    except ProviderUnavailable as exc:
+        logger.error("single sign-on: %s; sign-in fails until it does", exc)
+        return
+    logger.info("single sign-on: identity provider %s answers", oidc.issuer)

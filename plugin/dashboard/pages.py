@@ -7,17 +7,18 @@ or a log line (filters are state, priority, site and the revisit flag).
 from __future__ import annotations
 
 import logging
-import secrets
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response, status
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
+from fastapi.responses import HTMLResponse
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from plugin.access.enforce import notes
+from plugin.access.principal import Principal
 from plugin.catalog import repository
 from plugin.catalog.worklist import (
     Cursor,
@@ -36,13 +37,6 @@ from plugin.catalog.worklist import (
 from plugin.dashboard import Dashboard, dashboard
 from plugin.dashboard.images import SIZES, ImageUnavailable
 from plugin.dashboard.regions import image_views, present_findings
-from plugin.dashboard.session import (
-    LOGIN_CSRF_COOKIE,
-    SESSION_COOKIE,
-    SESSION_MAX_AGE_S,
-    Viewer,
-    safe_next,
-)
 from plugin.dashboard.sr_tree import content_tree
 from plugin.errors import PacsclipError
 from plugin.study_state import StudyState
@@ -58,23 +52,24 @@ WORKLIST_FLAGS: Final = ("stat", "routine", "not_scored")
 SIMILAR_K: Final = 8
 
 
-def page_viewer(request: Request, board: Board) -> Viewer:
-    return board.auth.page_viewer(request)
+def signed_in(request: Request) -> Principal:
+    """The principal ``authorize`` let through (every dashboard route needs one but login)."""
+    principal = notes(request).principal
+    if principal is None:  # only a public route has none, and those do not ask
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="sign in first")
+    return principal
 
 
-async def post_viewer(request: Request, board: Board) -> Viewer:
-    return await board.auth.post_viewer(request)
-
-
-PageViewer = Annotated[Viewer, Depends(page_viewer)]
-PostViewer = Annotated[Viewer, Depends(post_viewer)]
+# Both are the same check; POSTs had theirs (CSRF included) in ``authorize``.
+PageViewer = Annotated[Principal, Depends(signed_in)]
+PostViewer = Annotated[Principal, Depends(signed_in)]
 
 
 def render(
     board: Dashboard,
     request: Request,
     template: str,
-    viewer: Viewer | None,
+    viewer: Principal | None,
     status_code: int = 200,
     **values: Any,
 ) -> HTMLResponse:
@@ -83,6 +78,8 @@ def render(
         template,
         {
             "csrf": viewer.csrf if viewer and viewer.csrf else "",
+            "person": viewer,
+            "roles": {str(r) for r in viewer.roles} if viewer else set(),
             "model": _active_model(board),
             "viewer_url": partial(
                 viewer_link, board.settings.viewer_url_template, board.settings.viewer_base_url
@@ -102,78 +99,6 @@ def _active_model(board: Dashboard) -> dict[str, Any] | None:
     except (PacsclipError, OSError, ValueError) as exc:  # no bundle: the page still renders
         logger.warning("dashboard: active model unknown (%s)", type(exc).__name__)
         return None
-
-
-# --- login ---------------------------------------------------------------------------------
-
-
-def login_form(request: Request, board: Board, next: str = "/") -> HTMLResponse:
-    login_csrf = secrets.token_urlsafe(32)
-    response = render(
-        board,
-        request,
-        "login.html",
-        None,
-        next=safe_next(next),
-        login_csrf=login_csrf,
-        error=None,
-        configured=board.auth.configured,
-    )
-    _set_cookie(request, response, LOGIN_CSRF_COOKIE, login_csrf, max_age=3600)
-    return response
-
-
-def login(
-    request: Request,
-    board: Board,
-    token: Annotated[str, Form()],
-    csrf_token: Annotated[str, Form()],
-    next: Annotated[str, Form()] = "/",
-) -> Response:
-    # Login CSRF: the form's token must match the cookie set with the form (double submit).
-    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
-    if not expected or not secrets.compare_digest(csrf_token.encode(), expected.encode()):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            detail="the login form expired or was not sent by this site: reload it and retry",
-        )
-    if not board.auth.token_matches(token):
-        logger.warning("dashboard login refused: wrong token")
-        return render(
-            board,
-            request,
-            "login.html",
-            None,
-            status.HTTP_401_UNAUTHORIZED,
-            next=safe_next(next),
-            login_csrf=expected,
-            configured=board.auth.configured,
-            error="That token is not the one this pacsclip is configured with.",
-        )
-    cookie, _ = board.auth.new_session()
-    redirect = RedirectResponse(safe_next(next), status_code=status.HTTP_303_SEE_OTHER)
-    _set_cookie(request, redirect, SESSION_COOKIE, cookie, max_age=SESSION_MAX_AGE_S)
-    redirect.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
-    logger.info("dashboard login")
-    return redirect
-
-
-def logout(viewer: PostViewer) -> Response:
-    response = RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
-    response.delete_cookie(SESSION_COOKIE, path="/")
-    return response
-
-
-def _set_cookie(request: Request, response: Response, name: str, value: str, max_age: int) -> None:
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        path="/",
-        httponly=True,
-        samesite="strict",
-        secure=request.url.scheme == "https",
-    )
 
 
 # --- worklist ------------------------------------------------------------------------------
@@ -449,9 +374,6 @@ def study_image(
 
 def router() -> APIRouter:
     routes = APIRouter(include_in_schema=False)
-    routes.add_api_route("/login", login_form, methods=["GET"], response_class=HTMLResponse)
-    routes.add_api_route("/login", login, methods=["POST"])
-    routes.add_api_route("/logout", logout, methods=["POST"])
     routes.add_api_route("/", worklist, methods=["GET"], response_class=HTMLResponse)
     routes.add_api_route("/worklist/rows", worklist_rows, methods=["GET"])
     routes.add_api_route("/studies/{study_uid}", study_page, methods=["GET"])

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from plugin.catalog.db import open_catalog
 from plugin.catalog.models import Analysis, Study
 from tests.integration.test_serve import PACSCLIP, TOKEN, get, serve_env, wait_until
-from tests.peers.browser import browser_installed, chromium
+from tests.peers.browser import browser_installed, headless
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import echoscu, storescu
 from tests.peers.ports import free_port
@@ -110,12 +110,8 @@ def served(tmp_path: Path, bundle_dir: Path) -> Iterator[Served]:
 
 @pytest.fixture
 def browser() -> Iterator[WebDriver]:
-    driver = chromium()
-    driver.set_page_load_timeout(30)
-    try:
+    with headless() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def hostile_copy(out_dir: Path, accession: str, study_date: str) -> Path:

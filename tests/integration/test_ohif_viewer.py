@@ -27,7 +27,7 @@ from pydicom import Dataset, dcmread
 from plugin.demo.studies import write_demo_studies
 from tests.integration.conftest import Pipeline
 from tests.integration.test_e2e_orthanc import start_with_orthanc
-from tests.peers.browser import browser_installed, chromium
+from tests.peers.browser import browser_installed, headless
 from tests.peers.ohif import OhifServer, ohif_installed
 from tests.peers.orthanc import OrthancServer, dicomweb_installed
 from tests.peers.ports import free_port
@@ -166,12 +166,8 @@ def delivered(
 
 @pytest.fixture
 def browser() -> Iterator[WebDriver]:
-    driver = chromium(window=(1400, 860))
-    driver.set_page_load_timeout(WAIT_S)
-    try:
+    with headless(window=(1400, 860), page_load_s=WAIT_S) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def screenshot(driver: WebDriver, name: str, tmp_path: Path) -> None:

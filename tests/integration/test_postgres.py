@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import subprocess
@@ -14,9 +15,16 @@ import pydicom
 import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from plugin.catalog import repository
-from plugin.catalog.db import alembic_config
+from plugin.catalog.access_log import (
+    AccessEntry,
+    access_events,
+    delete_older_than,
+    record_access,
+)
+from plugin.catalog.db import alembic_config, open_catalog
 from tests.integration.conftest import RunningNode
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import storescu
@@ -137,3 +145,18 @@ def test_node_catalogs_into_postgres(
     assert (study["state"], study["instances"]) == ("complete", 5)
     assert study["site"] == done.site_key
     assert study["priority"] == done.priority
+
+
+def test_the_access_log_on_postgres_is_appended_to_never_updated(database_url: str) -> None:
+    catalog = open_catalog(database_url)
+    entry = AccessEntry("rita", "Rita", "radiologist", "oidc", "view_study", "GET", "/s", 200)
+    with catalog.sessions.begin() as session:
+        record_access(session, [entry])
+    with pytest.raises(DBAPIError, match="never changed"), catalog.engine.begin() as connection:
+        connection.execute(text("UPDATE access_event SET subject = 'someone else'"))
+    with catalog.sessions() as session:
+        assert [e["subject"] for e in access_events(session)] == ["rita"]
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+    with catalog.sessions.begin() as session:
+        assert delete_older_than(session, later) == 1
+    catalog.engine.dispose()

@@ -5,6 +5,8 @@ Both paths are explicit, so Selenium never looks for (or downloads) a browser or
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +36,14 @@ def chromium(window: tuple[int, int] = (1400, 1000)) -> Any:
     ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+@contextmanager
+def headless(window: tuple[int, int] = (1400, 1000), page_load_s: float = 30) -> Iterator[Any]:
+    """A headless Chromium WebDriver for a ``with`` block (a test fixture's), quit at its end."""
+    driver = chromium(window)
+    driver.set_page_load_timeout(page_load_s)
+    try:
+        yield driver
+    finally:
+        driver.quit()

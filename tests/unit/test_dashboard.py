@@ -93,7 +93,11 @@ def _store(ds: pydicom.Dataset, root: Path, relative: str) -> None:
 def world(make_settings: Callable[..., Settings]) -> World:
     """A study with a hostile PatientName and StudyDescription, analysed by a synthetic model
     with a real TID 1500 SR and overlay on disk, and one dead-lettered delivery."""
-    settings = make_settings(api_token=TOKEN)
+    return build_world(make_settings(api_token=TOKEN))
+
+
+def build_world(settings: Settings) -> World:
+    """The ``world`` fixture's catalog and files, under ``settings``."""
     catalog = open_catalog(settings.effective_database_url)
     world = World(settings, catalog)
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
