@@ -55,6 +55,7 @@ from plugin.results import (
     build_measurement_report,
     build_overlay,
 )
+from plugin.results.overlay import OverlayBase, overlay_base
 from plugin.results.seg import build_segmentation, segmented_findings
 from plugin.results.study_result import MANUFACTURER
 from plugin.settings import DestinationConfig, Settings
@@ -138,7 +139,8 @@ class StudyAnalyser:
             for f in report.findings
         ]
         report = replace(report, findings=present, saliency=[saliency])
-        built = self._build([source], report, generation=1, predecessor=None)
+        result = self._study_result(report, [source])
+        built = self._build([source], report, result, generation=1, predecessor=None)
         for obj in built:
             obj.dataset.save_as(BytesIO(), enforce_file_format=True)
         return [obj.kind for obj in built]
@@ -163,12 +165,12 @@ class StudyAnalyser:
         report = self.model.triage(datasets, site=site)
         steps.update(report.timings)
         with _timed(steps, "build"):
-            built = self._build(datasets, report, generation, predecessor)
+            result = self._study_result(report, datasets)
+            built = self._build(datasets, report, result, generation, predecessor)
         with _timed(steps, "write"):
             stored = [self._write(study_uid, obj) for obj in built]
         with _timed(steps, "record"):
-            sources = {str(ds.SOPInstanceUID): ds for ds in datasets}
-            rows = finding_rows(report, self._study_result(report, sources).findings)
+            rows = finding_rows(report, result.findings)
             outcome = self._record(
                 study_uid,
                 generation,
@@ -226,14 +228,15 @@ class StudyAnalyser:
         self,
         datasets: Sequence[Dataset],
         report: TriageReport,
+        result: StudyResult,
         generation: int,
         predecessor: Dataset | None,
     ) -> list[BuiltObject]:
+        """The SR, one overlay per heat map and the SEGs of `result` (see `_study_result`)."""
         study_uid = str(datasets[0].StudyInstanceUID)
         uids = ResultUids(study_uid, self.algorithm, generation)
-        scored = [ds for ds in datasets if str(ds.SOPInstanceUID) in set(report.images)]
+        scored = _scored(datasets, report)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in scored}
-        result = self._study_result(report, by_uid)
         when = self.now()
         sr = build_measurement_report(
             scored,
@@ -247,9 +250,16 @@ class StudyAnalyser:
         )
         objects = [BuiltObject("SR", sr)]
         findings = {f.name: f for f in result.findings}
+        # The grey of an image is prepared once for all the overlays of that image.
+        bases: dict[str, OverlayBase] = {}
         for n, saliency in enumerate(report.saliency):
-            source = by_uid[saliency.sop_instance_uid]
-            display = report.displays.get(saliency.sop_instance_uid)
+            uid = saliency.sop_instance_uid
+            source = by_uid[uid]
+            if uid not in bases:
+                display = report.displays.get(uid)
+                bases[uid] = overlay_base(
+                    self.model.display(source) if display is None else display
+                )
             objects.append(
                 BuiltObject(
                     "SC",
@@ -257,7 +267,7 @@ class StudyAnalyser:
                         source,
                         saliency.heatmap,
                         result,
-                        self.model.display(source) if display is None else display,
+                        bases[uid],
                         finding=findings[saliency.finding],
                         series_uid=uids.sc_series,
                         sop_uid=uids.sc_instance(n),
@@ -271,7 +281,9 @@ class StudyAnalyser:
             objects.extend(self._segmentations(scored, result, uids, when))
         return objects
 
-    def _study_result(self, report: TriageReport, sources: dict[str, Dataset]) -> StudyResult:
+    def _study_result(self, report: TriageReport, datasets: Sequence[Dataset]) -> StudyResult:
+        """What the builders and the catalog's finding rows take, from the scored images."""
+        sources = {str(ds.SOPInstanceUID): ds for ds in _scored(datasets, report)}
         return StudyResult(
             findings=[
                 _finding_result(f, report, sources, regions_on=self.settings.result_regions)
@@ -406,6 +418,12 @@ def finding_rows(
             }
         )
     return rows
+
+
+def _scored(datasets: Sequence[Dataset], report: TriageReport) -> list[Dataset]:
+    """The study's objects that the triage scored, in the study's order."""
+    images = set(report.images)
+    return [ds for ds in datasets if str(ds.SOPInstanceUID) in images]
 
 
 def _pixels(source: Dataset) -> int:

@@ -69,7 +69,9 @@ def build_segmentation(
     if int(source.get("NumberOfFrames", 1) or 1) != 1:
         raise ResultBuildError("a SEG is built for single-frame images only")
     shape = (int(source.Rows), int(source.Columns))
-    masks = np.stack([fill_outlines(f.shown_regions, shape) for f in findings], axis=-1)
+    # Segments last, as highdicom takes them, but each segment's mask contiguous: highdicom
+    # reads the masks one segment at a time and sums over segments (for overlaps).
+    masks = np.moveaxis(np.stack([fill_outlines(f.shown_regions, shape) for f in findings]), 0, -1)
     study_uid = str(source.StudyInstanceUID)
     algorithm = result.algorithm
     family = hd.AlgorithmIdentificationSequence(
@@ -139,27 +141,49 @@ def fill_outlines(outlines: Sequence[Outline], shape: tuple[int, int]) -> npt.ND
     so pixel (row, col) has its centre at (col + 0.5, row + 0.5); an outline along pixel
     edges fills exactly the pixels it encloses. A scanline fill: for each row of centres, the
     outline's crossings in order, with the pixels between each entering and leaving one.
+    All rows at once: each run adds 1 at its first pixel and -1 after its last, and a running
+    sum along the row is positive inside a run.
     """
     mask = np.zeros(shape, dtype=bool)
-    for outline in outlines:
-        points = np.asarray(outline, dtype=np.float64)
-        x0, y0 = points[:-1, 0], points[:-1, 1]
-        x1, y1 = points[1:, 0], points[1:, 1]
-        first = max(0, int(np.floor(points[:, 1].min())))
-        last = min(shape[0], int(np.ceil(points[:, 1].max())))
-        centres = np.arange(first, last) + 0.5
-        # Half-open in y, so a vertex shared by two edges is crossed once.
-        crossing = (y0[None, :] <= centres[:, None]) != (y1[None, :] <= centres[:, None])
-        dy = np.where(y1 != y0, y1 - y0, 1.0)
-        xs = x0 + (centres[:, None] - y0) / dy * (x1 - x0)
-        for offset, row in enumerate(range(first, last)):
-            cuts = np.sort(xs[offset][crossing[offset]])
-            # Pixel c is inside from entering at x to leaving at x' when x <= c + 0.5 < x'.
-            starts = np.clip(np.ceil(cuts[0::2] - 0.5), 0, shape[1]).astype(int)
-            stops = np.clip(np.ceil(cuts[1::2] - 0.5), 0, shape[1]).astype(int)
-            for start, stop in zip(starts, stops, strict=False):
-                mask[row, start:stop] = True
+    runs = [_runs(outline, shape) for outline in outlines]
+    runs = [r for r in runs if r[0].size]
+    if not runs:
+        return mask
+    rows = np.concatenate([r[0] for r in runs])
+    starts = np.concatenate([r[1] for r in runs])
+    stops = np.concatenate([r[2] for r in runs])
+    first, last = int(rows.min()), int(rows.max()) + 1
+    edges = np.zeros((last - first, shape[1] + 1), dtype=np.int32)
+    np.add.at(edges, (rows - first, starts), 1)
+    np.add.at(edges, (rows - first, stops), -1)
+    mask[first:last] = np.cumsum(edges[:, : shape[1]], axis=1, dtype=np.int32) > 0
     return mask
+
+
+def _runs(
+    outline: Outline, shape: tuple[int, int]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The runs of pixels inside one outline: row, first column and column after the last."""
+    points = np.asarray(outline, dtype=np.float64)
+    x0, y0 = points[:-1, 0], points[:-1, 1]
+    x1, y1 = points[1:, 0], points[1:, 1]
+    first = max(0, int(np.floor(points[:, 1].min())))
+    last = min(shape[0], int(np.ceil(points[:, 1].max())))
+    centres = np.arange(first, last) + 0.5
+    # Half-open in y, so a vertex shared by two edges is crossed once.
+    crossing = (y0[None, :] <= centres[:, None]) != (y1[None, :] <= centres[:, None])
+    dy = np.where(y1 != y0, y1 - y0, 1.0)
+    xs = x0 + (centres[:, None] - y0) / dy * (x1 - x0)
+    # Each row's crossings in order, then the edges it does not cross (infinite).
+    cuts = np.sort(np.where(crossing, xs, np.inf), axis=1)
+    pairs = cuts.shape[1] // 2
+    # Pixel c is inside from entering at x to leaving at x' when x <= c + 0.5 < x'.
+    starts = np.clip(np.ceil(cuts[:, 0 : 2 * pairs : 2] - 0.5), 0, shape[1]).astype(np.intp)
+    stops = np.clip(np.ceil(cuts[:, 1 : 2 * pairs : 2] - 0.5), 0, shape[1]).astype(np.intp)
+    # Only whole pairs of crossings make a run (an unpaired last one is dropped).
+    paired = 2 * np.arange(pairs)[None, :] + 1 < crossing.sum(axis=1)[:, None]
+    rows = np.broadcast_to(np.arange(first, last)[:, None], paired.shape)
+    return rows[paired], starts[paired], stops[paired]
 
 
 def _add_plane_geometry(seg: hd.seg.Segmentation) -> None:

@@ -101,7 +101,7 @@ def test_a_token_that_is_not_for_this_sign_in_is_refused_with_the_reason(
 def test_a_tampered_or_foreign_signed_token_is_refused(keys: tuple[RSAKey, RSAKey]) -> None:
     client = sign_in(keys[0])
     good = id_token(keys[0])["id_token"]
-    header, payload, signature = good.split(".")
+    header, _, signature = good.split(".")
     forged = id_token(keys[0], sub="chief-of-staff")["id_token"].split(".")[1]
     for token in (f"{header}.{forged}.{signature}", id_token(keys[1])["id_token"]):
         with pytest.raises(Exception) as refused:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
+import itertools
 import shutil
 import subprocess
 from pathlib import Path
@@ -153,6 +154,31 @@ def test_segment_pixels_are_the_filled_outlines(source: Dataset) -> None:
     assert devices[80, 80] and devices[105, 10] and not devices[0, 0]
     # The box of rows 70..89, columns 70..99 fills exactly those pixels.
     assert devices[70:90, 70:100].all() and not devices[69, 80] and not devices[90, 80]
+
+
+def test_fill_outlines_is_the_even_odd_rule_at_pixel_centres() -> None:
+    rng = np.random.default_rng(3)
+    shape = (48, 40)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    centres_x, centres_y = cols + 0.5, rows + 0.5
+    for _ in range(60):
+        outlines = []
+        expected = np.zeros(shape, dtype=bool)
+        for _ in range(int(rng.integers(1, 4))):
+            # Random vertices, some on pixel edges and centres, some beyond the image.
+            corners = rng.integers(-4, 2 * 52, size=(int(rng.integers(3, 9)), 2)) / 2
+            closed = (*map(tuple, corners.tolist()), tuple(corners[0].tolist()))
+            outlines.append(closed)
+            # A centre is inside when an odd number of edges cross its row at or left of it.
+            inside = np.zeros(shape, dtype=bool)
+            for (x0, y0), (x1, y1) in itertools.pairwise(closed):
+                crosses = (y0 <= centres_y) != (y1 <= centres_y)
+                if y1 != y0:
+                    x = x0 + (centres_y - y0) / (y1 - y0) * (x1 - x0)
+                    inside ^= crosses & (x <= centres_x)
+            expected |= inside
+
+        assert np.array_equal(fill_outlines(outlines, shape), expected)
 
 
 def test_dciodvfy_reports_no_error(source: Dataset, tmp_path: Path) -> None:
