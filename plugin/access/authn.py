@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV: Final = "PACSCLIP_API_TOKEN"
 SESSION_SECRET_FILE: Final = "session-secret"
+SESSION_COOKIE: Final = "pacsclip_session"
 SESSION_MAX_AGE_S: Final = 12 * 3600
 
 
@@ -136,9 +137,6 @@ class Authenticator:
             return None
         sub, name, via, sid, csrf = fields
         return Principal(sub, name, roles, via, sid, csrf)
-
-
-SESSION_COOKIE: Final = "pacsclip_session"
 
 
 def _session_key(settings: Settings, api_token: bytes | None) -> str:

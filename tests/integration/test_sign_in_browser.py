@@ -70,9 +70,11 @@ def start_api(world: World, api_port: int, issuer: str, log: Path) -> subprocess
         process = subprocess.Popen([PACSCLIP, "api"], env=env, stdout=out, stderr=out)
     try:
         wait_until(lambda: healthy(f"http://127.0.0.1:{api_port}"), 60, "no API health")
-    except TimeoutError as exc:
-        stop_process(process, timeout_s=15)
-        raise TimeoutError(f"{exc}; api log:\n{log.read_text()[-4000:]}") from exc
+    except BaseException as exc:
+        stop_process(process, timeout_s=15)  # never left running by a failed start
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError(f"{exc}; api log:\n{log.read_text()[-4000:]}") from exc
+        raise
     return process
 
 
