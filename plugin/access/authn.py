@@ -61,11 +61,12 @@ class Authenticator:
 
     @property
     def configured(self) -> bool:
-        """Whether anyone at all could authenticate."""
+        """Whether this deployment authenticates at all: a token or a provider is configured,
+        or machine tokens were made (a revoked one is then refused with 401, not 503)."""
         if self._api_token is not None or self.oidc_enabled:
             return True
         try:
-            return any(t.active for t in self.tokens.all())
+            return bool(self.tokens.all())
         except TokenError:
             return False
 

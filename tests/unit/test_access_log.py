@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import getpass
 import re
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +23,8 @@ from plugin.cli.main import app as cli
 from plugin.purge import find_target, purge
 from plugin.retention import RetentionKind, run_retention
 from plugin.roles import Role
-from tests.unit.test_dashboard import PATIENT_ID, World, world  # noqa: F401
+from plugin.settings import Settings
+from tests.unit.test_dashboard import PATIENT_ID, World, build_world, world  # noqa: F401
 
 
 @pytest.fixture
@@ -165,3 +167,16 @@ def test_a_revoked_token_is_refused_at_its_next_request(
     assert token not in (world.settings.data_dir / "api-tokens.json").read_text()
     changes = [e["action"] for e in entries(world, subject=f"cli:{getpass.getuser()}")]
     assert changes == ["token_revoked", "token_created"]
+
+
+def test_with_only_machine_tokens_a_revoked_one_is_refused_as_unauthorized(
+    make_settings: Callable[..., Settings],
+) -> None:
+    only_tokens = build_world(make_settings())  # no api_token, no provider
+    client = TestClient(only_tokens.app)
+    assert client.get("/operations", headers=bearer("pcl_x")).status_code == 503  # nobody yet
+    store = TokenStore(only_tokens.settings.data_dir)
+    token = store.create("ris-feed", [Role.PACS_ADMIN])
+    assert client.get("/operations", headers=bearer(token)).status_code == 200
+    store.revoke("ris-feed")
+    assert client.get("/operations", headers=bearer(token)).status_code == 401
