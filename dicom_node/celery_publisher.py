@@ -46,22 +46,30 @@ class CeleryPublisher:
         if not event.pipelines:
             logger.info("study %s: routing runs no pipeline", event.study_instance_uid)
             return
-        queue = analysis_queue(event.priority)
+        self.analyse(event.study_instance_uid, event.generation, event.priority)
+
+    def analyse(self, study_uid: str, generation: int, priority: str) -> str:
+        """Queue a complete study's analysis; the id of the task sent."""
+        queue = analysis_queue(priority)
         # Queued before the send: a fast worker may finish before this returns. If the send
         # fails, the node's requeue check sends the study again later.
         with self.sessions() as session:
-            repository.set_state(session, event.study_instance_uid, StudyState.QUEUED)
+            repository.set_state(session, study_uid, StudyState.QUEUED)
             session.commit()
-        self.app.send_task(
+        sent = self.app.send_task(
             ANALYSE_STUDY,
-            args=[event.study_instance_uid, event.generation],
+            args=[study_uid, generation],
             # The queue is the priority: a message priority would be read as "lowest" by
             # Redis (its 0 is the highest) and ignored by RabbitMQ queues without one.
             queue=queue,
         )
-        logger.info(
-            "study %s generation %d queued on %s",
-            event.study_instance_uid,
-            event.generation,
-            queue,
-        )
+        logger.info("study %s generation %d queued on %s", study_uid, generation, queue)
+        return str(sent.id)
+
+    def failure(self, task_id: str) -> str | None:
+        """Why a task failed, from the result backend, once it has; None while it waits,
+        runs or retries, and after it succeeded."""
+        result = self.app.AsyncResult(task_id)
+        if result.state != "FAILURE":
+            return None
+        return f"{type(result.result).__name__}: {result.result}"

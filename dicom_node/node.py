@@ -349,15 +349,7 @@ class DicomNode:
             facts = repository.study_facts(session, study_uid)
             if facts is None:
                 return
-            decision = self.rules.decide(
-                RoutingInput(
-                    modalities=facts.modalities,
-                    body_parts=facts.body_parts,
-                    calling_ae_title=facts.calling_ae_title,
-                    institution_name=facts.institution_name,
-                    series_descriptions=facts.series_descriptions,
-                )
-            )
+            decision = self.rules.decide(RoutingInput.of_study(facts))
             generation = repository.mark_complete(
                 session,
                 study_uid,

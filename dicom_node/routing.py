@@ -12,7 +12,7 @@ import re
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,9 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 
 from plugin.pipelines import PIPELINES
+
+if TYPE_CHECKING:
+    from plugin.catalog.repository import StudyFacts
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,17 @@ class RoutingInput:
             calling_ae_title=calling_ae_title.strip(),
             institution_name=min(_tag_values(ds, "InstitutionName"), default=None),
             series_descriptions=_tag_values(ds, "SeriesDescription"),
+        )
+
+    @classmethod
+    def of_study(cls, facts: StudyFacts) -> RoutingInput:
+        """The input of a cataloged study: the values of all its series."""
+        return cls(
+            modalities=facts.modalities,
+            body_parts=facts.body_parts,
+            calling_ae_title=facts.calling_ae_title,
+            institution_name=facts.institution_name,
+            series_descriptions=facts.series_descriptions,
         )
 
     def merge(self, other: RoutingInput) -> RoutingInput:

@@ -381,9 +381,31 @@ class StudyAnalyser:
 def read_study(spool_dir: Path, paths: Sequence[str]) -> list[Dataset]:
     """The study's objects, less pacsclip's own results: a PACS that sends the whole study
     again (with a report, say) sends back our SR and overlays too, and an overlay is no
-    acquisition to score."""
+    acquisition to score.
+
+    In acquisition order (series, then instance number, then UIDs), not in the order they
+    arrived: the same images give the same results whether a PACS pushed them in any order
+    or a task performer retrieved them, down to which of two equal images an overlay is on."""
     datasets = [dcmread(spool_dir / p) for p in paths]
-    return [ds for ds in datasets if str(ds.get("Manufacturer", "")) != MANUFACTURER]
+    return sorted(
+        (ds for ds in datasets if str(ds.get("Manufacturer", "")) != MANUFACTURER),
+        key=_acquisition_order,
+    )
+
+
+def _acquisition_order(ds: Dataset) -> tuple[int, str, int, str]:
+    def number(keyword: str) -> int:
+        try:
+            return int(ds.get(keyword) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return (
+        number("SeriesNumber"),
+        str(ds.get("SeriesInstanceUID", "")),
+        number("InstanceNumber"),
+        str(ds.get("SOPInstanceUID", "")),
+    )
 
 
 def finding_rows(

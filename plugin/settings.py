@@ -484,6 +484,66 @@ class Settings(BaseSettings):
         "plots add to the API process' own figures.",
     )
 
+    # IHE AIW-I task performer (`pacsclip performer`): pulls workitems from a UPS-RS Task Manager
+    ups_url: str | None = Field(
+        None,
+        description="UPS-RS root of the Task Manager (its workitems are at {ups_url}/workitems); "
+        "unset: no task performer.",
+    )
+    ups_ae_title: str | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="This performer's AE title, in the Performed Station Name and the claims "
+        "journal; one per performer process; unset: ae_title.",
+    )
+    ups_task_codes: list[str] = Field(
+        default_factory=lambda: ["PACSCLIP-TRIAGE"],
+        description="Scheduled Workitem Code values this performer takes (pacsclip's own are "
+        "in coding scheme 99PACSCLIP; the scheme is not compared); others are left alone.",
+    )
+    ups_calling_ae_title: str = Field(
+        "AIW-I",
+        min_length=1,
+        max_length=16,
+        description="Stands for the sender's AE title of studies pulled for workitems (site "
+        "key, routing rules, audit); the PACS's AE title gives them the push path's site.",
+    )
+    ups_bearer_token: SecretStr | None = Field(
+        None,
+        description="Sent as Authorization: Bearer to the Task Manager and to the WADO-RS and "
+        "STOW-RS URLs its workitems name.",
+    )
+    ups_tls_ca: Path | None = Field(
+        None, description="CA bundle that verifies an https Task Manager (system CAs: unset)."
+    )
+    ups_tls_cert: Path | None = Field(
+        None, description="Client certificate for mutual TLS to the Task Manager (with key)."
+    )
+    ups_tls_key: Path | None = Field(
+        None, description="Private key of ups_tls_cert (with ups_tls_cert)."
+    )
+    ups_poll_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often the Task Manager is asked for scheduled workitems; a workitem "
+        "waits half of it on average before it is claimed.",
+    )
+    ups_max_in_flight: int = Field(
+        4, ge=1, le=64, description="Workitems one performer holds claimed at a time."
+    )
+    ups_output_destination: str | None = Field(
+        None,
+        description="Name of a STOW-RS destination (in destinations) for workitems that name "
+        "no Output Destination; unset: such a workitem is cancelled with that reason.",
+    )
+    ups_give_up_after_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A claimed workitem whose inputs or output destination keep failing with "
+        "errors worth a retry is cancelled this long after its claim.",
+    )
+
     @field_validator("allowed_callers", mode="before")
     @classmethod
     def _callers_from_titles(cls, value: Any) -> Any:
@@ -558,6 +618,28 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"hl7_allowed_hosts: {host!r} is not an IP address") from exc
         return self
+
+    @model_validator(mode="after")
+    def _task_performer(self) -> Settings:
+        if (self.ups_tls_cert is None) != (self.ups_tls_key is None):
+            raise ValueError("ups_tls_cert and ups_tls_key must be given together")
+        if self.ups_url is not None and make_url_parts(self.ups_url) is None:
+            raise ValueError(f"ups_url {self.ups_url!r} is not an http(s) URL")
+        if not self.ups_task_codes:
+            raise ValueError("ups_task_codes is empty: the performer would take no workitem")
+        named = self.ups_output_destination
+        if named is not None:
+            found = [d for d in self.destinations if d.name == named]
+            if not found or found[0].url is None:
+                raise ValueError(
+                    f"ups_output_destination {named!r} names no STOW-RS destination in "
+                    "destinations (one with a url)"
+                )
+        return self
+
+    @property
+    def performer_ae_title(self) -> str:
+        return self.ups_ae_title or self.ae_title
 
     @property
     def oidc_enabled(self) -> bool:

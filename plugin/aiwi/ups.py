@@ -1,8 +1,10 @@
 """A UPS-RS client for a task performer: find scheduled workitems [RAD-81], read one [RAD-83],
 claim it [RAD-82], report progress [RAD-84], complete or cancel it [RAD-85].
 
-Requests and answers are DICOM JSON (``application/dicom+json``) over one httpx client, which
-carries the Task Manager's auth (a bearer token, or a client certificate for mTLS). The
+Requests and answers are DICOM JSON (``application/dicom+json``) over one requests session, the
+same one the performer's WADO-RS and STOW-RS go through (``plugin.dicomweb``), which carries the
+Task Manager's auth (a bearer token, or a client certificate for mTLS). dicomweb-client has no
+UPS-RS calls; these are written here on that session. The
 performer's rules of the standard live here: a claim carries a new Transaction UID; a 409 on a
 claim means another performer took the workitem (ClaimTaken, not an error); the final state's
 attributes go in an Update before the state change, which carries only the state and the
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-import httpx
+import requests
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
@@ -30,6 +32,10 @@ COMPLETED: Final = "COMPLETED"
 CANCELED: Final = "CANCELED"
 
 
+# The Task Manager refuses our credentials: nothing a workitem did, nothing it can fix.
+AUTH: Final = frozenset({401, 403})
+
+
 class UpsError(PacsclipError):
     """The Task Manager refused a request, or did not answer."""
 
@@ -40,8 +46,11 @@ class UpsError(PacsclipError):
 
     @property
     def retryable(self) -> bool:
-        """Worth trying again later: no answer, or the Task Manager's own trouble."""
-        return self.status is None or self.status >= 500 or self.status == 429
+        """Worth trying again later: no answer, the Task Manager's own trouble, or our
+        credentials refused (an operator fixes those; the workitem stays ours meanwhile)."""
+        return (
+            self.status is None or self.status >= 500 or self.status == 429 or self.status in AUTH
+        )
 
 
 class ClaimTaken(UpsError):
@@ -57,9 +66,16 @@ class Claim:
 class UpsClient:
     """One Task Manager, at ``base_url`` (the UPS-RS root: ``{base_url}/workitems``)."""
 
-    def __init__(self, base_url: str, client: httpx.Client) -> None:
+    def __init__(self, base_url: str, session: requests.Session, *, timeout_s: float = 30) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = client
+        self.http = session
+        self.timeout_s = timeout_s
+        # The last request's outcome for the performer's heartbeat: None when no request was
+        # made since ``forget_contact``, "" when the Task Manager answered, else why not.
+        self.contact: str | None = None
+
+    def forget_contact(self) -> None:
+        self.contact = None
 
     def scheduled(self, task_codes: Sequence[str], *, limit: int = 20) -> list[Dataset]:
         """SCHEDULED, READY workitems whose Scheduled Workitem Code is one of ``task_codes``."""
@@ -141,19 +157,29 @@ class UpsClient:
         *,
         params: dict[str, str] | None = None,
         body: Dataset | None = None,
-    ) -> httpx.Response:
+    ) -> requests.Response:
         content = None if body is None else json.dumps([body.to_json_dict()])
         headers = {"Accept": DICOM_JSON}
         if content is not None:
             headers["Content-Type"] = DICOM_JSON
         try:
             answer = self.http.request(
-                method, self.base_url + path, params=params, content=content, headers=headers
+                method,
+                self.base_url + path,
+                params=params,
+                data=content,
+                headers=headers,
+                timeout=self.timeout_s,
             )
-        except httpx.HTTPError as exc:
-            raise UpsError(what, None, type(exc).__name__) from exc
+        except requests.RequestException as exc:
+            error = UpsError(what, None, type(exc).__name__)
+            self.contact = str(error)
+            raise error from exc
         if answer.status_code >= 400:
-            raise UpsError(what, answer.status_code, answer.headers.get("Warning"))
+            error = UpsError(what, answer.status_code, answer.headers.get("Warning"))
+            self.contact = str(error) if error.retryable or answer.status_code in AUTH else ""
+            raise error
+        self.contact = ""
         return answer
 
 
@@ -168,11 +194,12 @@ def performed_procedure(
     started: datetime,
     ended: datetime,
     station_ae: str,
-    retrieve_url: str | None = None,
+    retrieve_root: str | None = None,
 ) -> Dataset:
     """The one item of the Unified Procedure Step Performed Procedure Sequence: what was done
     (the scheduled task's code), where (this performer), when, and the outputs as (Study,
-    Series, SOP Class, SOP Instance) UIDs."""
+    Series, SOP Class, SOP Instance) UIDs; with ``retrieve_root`` (the DICOMweb root they were
+    stored to) each output series' WADO-RS URL."""
     performed = Dataset()
     station = Dataset()
     station.CodeValue, station.CodingSchemeDesignator = station_ae, "99PACSCLIP"
@@ -195,9 +222,9 @@ def performed_procedure(
             ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_instance
             refs.append(ref)
         item.ReferencedSOPSequence = refs
-        if retrieve_url:
+        if retrieve_root:
             location = Dataset()
-            location.RetrieveURL = retrieve_url
+            location.RetrieveURL = f"{retrieve_root.rstrip('/')}/studies/{study}/series/{series}"
             item.WADORSRetrievalSequence = [location]
         items.append(item)
     performed.OutputInformationSequence = items
@@ -248,4 +275,3 @@ def inputs_of(workitem: Dataset) -> WorkitemInputs:
 def task_code(workitem: Dataset) -> str | None:
     codes = workitem.get("ScheduledWorkitemCodeSequence", [])
     return str(codes[0].CodeValue) if codes and codes[0].get("CodeValue") else None
-

@@ -74,6 +74,46 @@ def find_analysis(
     )
 
 
+@dataclass(frozen=True)
+class StudyProgress:
+    state: str
+    generation: int
+
+
+def study_progress(session: Session, study_uid: str) -> StudyProgress | None:
+    """A study's state and latest generation; None when it is not in the catalog."""
+    row = session.execute(
+        select(Study.state, Study.generation).where(Study.study_instance_uid == study_uid)
+    ).first()
+    return None if row is None else StudyProgress(row.state, row.generation)
+
+
+def live_results(
+    session: Session, study_uid: str, generation: int
+) -> tuple[int, list[ResultFile]] | None:
+    """The live analysis of a study's generation (by whichever model was live then) and its
+    result objects; None while there is none. The latest one when models changed between
+    two runs of the same generation."""
+    analysis = session.scalar(
+        select(Analysis)
+        .join(Study, Study.id == Analysis.study_id)
+        .where(
+            Study.study_instance_uid == study_uid,
+            Analysis.generation == generation,
+            Analysis.role == LIVE,
+        )
+        .order_by(Analysis.id.desc())
+        .limit(1)
+    )
+    if analysis is None:
+        return None
+    files = [
+        ResultFile(o.kind, o.sop_instance_uid, o.series_instance_uid, o.path)
+        for o in analysis.objects
+    ]
+    return analysis.id, files
+
+
 def predecessor_report_path(
     session: Session, study_id: int, generation: int, algorithm_name: str
 ) -> str | None:

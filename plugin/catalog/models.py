@@ -354,3 +354,55 @@ class RevisitScore(Base):
     method: Mapped[str] = mapped_column(String(32))
     triage_linked: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UpsWorkitem(Base):
+    """A UPS workitem this deployment's task performer took (IHE AIW-I): the claims journal.
+
+    The Transaction UID is written here before the claim is sent, so a performer that dies at
+    any point finds its claim again at restart and finishes or cancels the workitem once.
+    """
+
+    __tablename__ = "ups_workitem"
+    __table_args__ = (UniqueConstraint("workitem_uid", "performer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    workitem_uid: Mapped[str] = mapped_column(UID, index=True)
+    performer: Mapped[str] = mapped_column(AE_TITLE, index=True)
+    transaction_uid: Mapped[str] = mapped_column(UID)
+    task_code: Mapped[str] = mapped_column(String(64))
+    # claiming|claimed|queued|analysed|stored|cancelling, then completed|canceled|taken|gone
+    step: Mapped[str] = mapped_column(String(16), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID)
+    generation: Mapped[int | None]
+    task_id: Mapped[str | None] = mapped_column(String(64))  # the analysis task sent
+    analysis_id: Mapped[int | None]
+    output_url: Mapped[str | None] = mapped_column(Text)
+    # The outputs stored: [study, series, SOP class, SOP instance] UIDs, for the completion.
+    outputs: Mapped[list[list[str]] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(default=0)  # failed tries of the current step
+    next_try_at: Mapped[datetime | None]
+    # Why it was cancelled, or the last error of the current step (never patient data).
+    reason: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class UpsPerformer(Base):
+    """A task performer's heartbeat and what it last heard from its Task Manager, for the
+    operations page."""
+
+    __tablename__ = "ups_performer"
+
+    performer: Mapped[str] = mapped_column(AE_TITLE, primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    task_manager: Mapped[str] = mapped_column(Text)  # its URL, without credentials
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reachable: Mapped[bool] = mapped_column(default=True)
+    down_since: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from plugin.cli.common import (
 from plugin.cli.demo_cmd import demo_app
 from plugin.cli.hl7_cmd import hl7_listen
 from plugin.cli.model_cmd import model_app
+from plugin.cli.performer_cmd import performer, workitems
 from plugin.cli.retention_cmd import purge, retention_app
 from plugin.cli.retrieval_cmd import index_app, report_app, search, similar
 from plugin.cli.revisit_cmd import revisit_app
@@ -39,7 +41,7 @@ from plugin.cli.validation_cmd import (
     report_unlinked,
     validate,
 )
-from plugin.errors import ConfigError
+from plugin.errors import ConfigError, PacsclipError
 from plugin.settings import DicomPeer, Settings, mask_url
 from plugin.settings_reference import settings_reference
 
@@ -74,6 +76,8 @@ app.command()(monitor)
 app.command()(similar)
 app.command()(search)
 app.command("hl7-listen")(hl7_listen)
+app.command()(performer)
+app.command()(workitems)
 app.command()(purge)
 app.add_typer(retention_app, name="retention")
 app.add_typer(tokens_app, name="tokens")
@@ -160,9 +164,22 @@ def serve(
             root.get("config"), root.get("overrides", {}), stop_timeout_s=settings.drain_timeout_s
         ) as worker,
         run_api_thread(settings, metrics),
+        _performer_if_configured(settings),
     ):
         # On SIGTERM the worker starts its warm shutdown while the node drains.
         _run_node(settings, metrics, on_signal=worker.begin_stop)
+
+
+def _performer_if_configured(settings: Settings) -> AbstractContextManager[None]:
+    """With ups_url: the IHE AIW-I task performer runs beside the node."""
+    if settings.ups_url is None:
+        return nullcontext()
+    from dicom_node.performer import build_performer, performer_thread
+
+    try:
+        return performer_thread(build_performer(settings))
+    except PacsclipError as exc:
+        raise fail(str(exc)) from exc
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The PACS administrator's page: dead letters with retry, quarantine, routing rules with a
+"""The PACS administrator's page: dead letters with retry, quarantine, the AIW-I task
+performers and whether their Task Manager answers, routing rules with a
 "test this file" upload, per-site drift and adapted heads with promote, the last hour of
 the Prometheus figures, and the audit log."""
 
@@ -17,6 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from plugin.catalog.dispatch_jobs import recent_jobs
 from plugin.catalog.repository import audit_event_names, list_quarantine, recent_audit_events
+from plugin.catalog.ups_workitems import performer_statuses
 from plugin.dashboard import Dashboard
 from plugin.dashboard.pages import Board, PageViewer, PostViewer, render
 from plugin.delivery.jobs import replay
@@ -61,6 +63,7 @@ def _render(
     with board.sessions() as session:
         dead_letters = recent_jobs(session, state="failed")
         quarantine = list_quarantine(session)
+        performers = performer_statuses(session)
         drift_report = _drift(session) if drift else None
         audit_log = _audit(session, audit.get("event"), audit.get("page", 1))
     return render(
@@ -71,6 +74,7 @@ def _render(
         status_code,
         dead_letters=dead_letters,
         quarantine=quarantine,
+        performers=performers,
         rules=_rules(board),
         rule_test=rule_test,
         drift=drift_report,

@@ -17,7 +17,14 @@ def send(d: DestinationConfig, files: Sequence[Path], settings: Settings) -> Sen
     if d.url is not None:
         token = d.bearer_token.get_secret_value() if d.bearer_token else None
         return stow_files(
-            StowDestination(name=d.name, url=d.url, bearer_token=token, tls_ca=d.tls_ca),
+            StowDestination(
+                name=d.name,
+                url=d.url,
+                bearer_token=token,
+                tls_ca=d.tls_ca,
+                client_cert=d.tls_cert,
+                client_key=d.tls_key,
+            ),
             files,
             timeout_s=timeout,
         )

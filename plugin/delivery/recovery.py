@@ -77,7 +77,14 @@ def probe(name: str, settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> 
         return False
     if config.url is not None:
         token = config.bearer_token.get_secret_value() if config.bearer_token else None
-        web = StowDestination(name=name, url=config.url, bearer_token=token, tls_ca=config.tls_ca)
+        web = StowDestination(
+            name=name,
+            url=config.url,
+            bearer_token=token,
+            tls_ca=config.tls_ca,
+            client_cert=config.tls_cert,
+            client_key=config.tls_key,
+        )
         return answers(web, timeout_s=timeout_s)
     if config.ae_title is None or config.host is None or config.port is None:
         return False  # the settings validator forbids it

@@ -1,4 +1,4 @@
-"""Results dispatch over DICOMweb: STOW-RS (PS3.18 10.5) with the standard library's urllib.
+"""Results dispatch over DICOMweb: STOW-RS (PS3.18 10.5) with dicomweb-client (``plugin.dicomweb``).
 
 One POST of multipart/related; type="application/dicom" to ``{root}/studies`` per call; the
 answer's ReferencedSOPSequence and FailedSOPSequence give each instance's outcome, reported
@@ -13,26 +13,25 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
+from dicomweb_client import DICOMwebClient
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from plugin.delivery.outcome import DispatchError, SendReport, is_retryable_status
 from plugin.dicom_status import PROCESSING_FAILURE, SUCCESS
+from plugin.dicomweb import WebAuth, WebError, http_session, web_client, web_error
 
 logger = logging.getLogger(__name__)
 
 # PS3.18 10.5.3: 200 all stored, 202 some failed or with warnings, 409 none stored.
 ANSWERS_WITH_OUTCOMES = frozenset({200, 202, 409})
-RETRYABLE_HTTP = frozenset({408, 429})
 # DICOM JSON tags of the STOW-RS response (PS3.18 Table 10.5.3-1).
 FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -50,6 +49,9 @@ class StowDestination:
     bearer_token: str | None = None
     # CA bundle to verify an https service (system CAs when None).
     tls_ca: Path | None = None
+    # Mutual TLS: client certificate (PEM) and its key, given together.
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     def __str__(self) -> str:
         return f"{self.name} ({self.url})"
@@ -65,8 +67,7 @@ def stow_files(
     if not files:
         return SendReport(destination.name)
     uids = [_sop_instance_uid(destination, path) for path in files]
-    boundary = f"pacsclip-{uuid.uuid4().hex}"
-    answer = _post(destination, _multipart(files, boundary), boundary, timeout_s)
+    answer = _post(destination, [path.read_bytes() for path in files], timeout_s)
     report, unacknowledged = _report(destination, uids, answer)
     logger.info(
         "STOW-RS to %s: %d acknowledged, %d failed, %d unacknowledged",
@@ -82,23 +83,27 @@ def stow_files(
 def answers(destination: StowDestination, *, timeout_s: float = 10) -> bool:
     """Whether the DICOMweb service answers (a QIDO-RS search for one study): any HTTP
     answer below 500 counts, so that a service that is up but lists nothing still does."""
-    headers = {"Accept": "application/dicom+json"}
-    if destination.bearer_token:
-        headers["Authorization"] = f"Bearer {destination.bearer_token}"
-    url = destination.url.rstrip("/") + "/studies?limit=1"
-    request = urllib.request.Request(url, headers=headers, method="GET")
     try:
-        with urllib.request.urlopen(
-            request, timeout=timeout_s, context=_ssl_context(destination)
-        ) as response:
-            response.read()
-            return True
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return exc.code < 500
-    except (urllib.error.URLError, OSError) as exc:
+        with _session(destination) as session:
+            web_client(destination.url, session, timeout_s=timeout_s).search_for_studies(limit=1)
+        return True
+    except requests.HTTPError as exc:
+        return exc.response is None or exc.response.status_code < 500
+    except requests.JSONDecodeError:
+        return True  # an answer, if not a DICOM JSON one
+    except requests.RequestException as exc:
         logger.debug("DICOMweb probe of %s: %s", destination, exc)
         return False
+
+
+def _session(destination: StowDestination) -> requests.Session:
+    auth = WebAuth(
+        bearer_token=destination.bearer_token,
+        tls_ca=destination.tls_ca,
+        client_cert=destination.client_cert,
+        client_key=destination.client_key,
+    )
+    return http_session(auth)
 
 
 def _sop_instance_uid(destination: StowDestination, path: Path) -> str:
@@ -112,55 +117,42 @@ def _sop_instance_uid(destination: StowDestination, path: Path) -> str:
         ) from exc
 
 
-def _multipart(files: Sequence[Path], boundary: str) -> bytes:
-    """One application/dicom part per Part 10 file, as PS3.18 8.6.1.2 lays out."""
-    parts = [
-        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
-        + path.read_bytes() + b"\r\n"
-        for path in files
-    ]  # fmt: skip
-    return b"".join(parts) + b"--" + boundary.encode() + b"--\r\n"
-
-
-def _post(
-    destination: StowDestination, body: bytes, boundary: str, timeout_s: float
-) -> dict[str, Any]:
-    """POST the body; the DICOM JSON answer when the HTTP status says it carries outcomes."""
-    headers = {
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json",
-    }
-    if destination.bearer_token:
-        headers["Authorization"] = f"Bearer {destination.bearer_token}"
-    url = destination.url.rstrip("/") + "/studies"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+def _post(destination: StowDestination, parts: Sequence[bytes], timeout_s: float) -> dict[str, Any]:
+    """POST the Part 10 files as they are; the DICOM JSON answer when the HTTP status says it
+    carries outcomes (a 409 comes as requests' HTTPError, its answer in the response)."""
     try:
-        with urllib.request.urlopen(
-            request, timeout=timeout_s, context=_ssl_context(destination)
-        ) as response:
-            return _json(response.read())
-    except urllib.error.HTTPError as exc:
-        if exc.code in ANSWERS_WITH_OUTCOMES:
-            return _json(exc.read())
-        raise DispatchError(
-            f"STOW-RS to {destination}: HTTP {exc.code} {exc.reason}",
-            destination=destination.name,
-            retryable=exc.code in RETRYABLE_HTTP or exc.code >= 500,
-        ) from exc
-    except (urllib.error.URLError, OSError) as exc:
-        # Refused, reset, DNS failure, timeout: the service may come back.
-        raise DispatchError(
-            f"STOW-RS to {destination}: could not connect: {exc}",
-            destination=destination.name,
-            retryable=True,
-        ) from exc
+        with _session(destination) as session:
+            client = web_client(destination.url, session, timeout_s=timeout_s)
+            return _json(_post_multipart(client, parts).content)
+    except requests.HTTPError as exc:
+        response = exc.response
+        if response is not None and response.status_code in ANSWERS_WITH_OUTCOMES:
+            return _json(response.content)
+        raise _dispatch_error(destination, web_error(f"STOW-RS to {destination}", exc)) from exc
+    except requests.RequestException as exc:
+        raise _dispatch_error(destination, web_error(f"STOW-RS to {destination}", exc)) from exc
 
 
-def _ssl_context(destination: StowDestination) -> ssl.SSLContext | None:
-    if not destination.url.startswith("https:"):
-        return None
-    cafile = str(destination.tls_ca) if destination.tls_ca else None
-    return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+def _post_multipart(client: DICOMwebClient, parts: Sequence[bytes]) -> requests.Response:
+    """The client's own multipart encoding and POST, with the files' bytes untouched.
+
+    Not ``store_instances``: it takes datasets and writes them again with pydicom, which need
+    not give back the bytes of the file. Not ``_http_post_multipart_application_dicom`` either:
+    it parses only an answer whose Content-Type is exactly application/dicom+json, so one with a
+    charset parameter would read as no outcomes at all.
+    """
+    boundary = f"pacsclip-{uuid.uuid4().hex}"
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    body = client._encode_multipart_message(parts, content_type)
+    # One body with a Content-Length: above its chunk size the client switches to chunked
+    # transfer encoding, which some DICOMweb servers and proxies refuse.
+    client.set_chunk_size(max(len(body), 1))
+    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+    return client._http_post(client.base_url.rstrip("/") + "/studies", body, headers)
+
+
+def _dispatch_error(destination: StowDestination, error: WebError) -> DispatchError:
+    return DispatchError(str(error), destination=destination.name, retryable=error.retryable)
 
 
 def _json(data: bytes) -> dict[str, Any]:

@@ -216,8 +216,10 @@ def test_systemd_recipe_installs_units_that_start_node_and_worker(
     assert [u.name for u in units] == [
         "pacsclip-api.service",
         "pacsclip-node.service",
+        "pacsclip-performer.service",
         "pacsclip-worker@.service",
     ]
+    unit = {u.name: u for u in units}
     verified = run("systemd-analyze", "verify", "--man=no", *map(str, units))
     if "System has not been booted with systemd" in verified.stderr:
         pytest.skip("systemd-analyze verify cannot run here")
@@ -227,12 +229,14 @@ def test_systemd_recipe_installs_units_that_start_node_and_worker(
     # loopback port and give the worker a metrics port (both are off the recipe's defaults).
     dicom_port, metrics_port = free_port(), free_port()
     node_argv, node_env, node_cwd = unit_process(
-        units[1],
+        unit["pacsclip-node.service"],
         "",
         {"PACSCLIP_DICOM_HOST": "127.0.0.1", "PACSCLIP_DICOM_PORT": str(dicom_port)},
     )
     worker_argv, worker_env, worker_cwd = unit_process(
-        units[2], "recipe", {"PACSCLIP_WORKER_METRICS_PORT": str(metrics_port)}
+        unit["pacsclip-worker@.service"],
+        "recipe",
+        {"PACSCLIP_WORKER_METRICS_PORT": str(metrics_port)},
     )
     assert node_argv[0] == str(prefix / VENV_IN_PREFIX / "bin" / "pacsclip")
     assert worker_argv[-2:] == ["--name", f"recipe@{socket.gethostname()}"]

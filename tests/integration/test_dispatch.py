@@ -432,11 +432,14 @@ def _sop_items(outcomes: Sequence[tuple[str, int | None]]) -> dict[str, Any]:
     return {"vr": "SQ", "Value": items}
 
 
+# 409 (none stored) comes from dicomweb-client as an HTTPError; its answer still counts.
+@pytest.mark.parametrize("status", [202, 409])
 def test_stow_rs_failure_reasons_are_reported_per_instance(
-    tmp_path: Path, canned_stow: _CannedStowServer
+    tmp_path: Path, canned_stow: _CannedStowServer, status: int
 ) -> None:
     files = ct_small_copies(4, tmp_path / "results")
     uids = [_uid(f) for f in files]
+    canned_stow.status = status
     canned_stow.answer = {
         "00081199": _sop_items([(uids[0], None)]),
         "00081198": _sop_items([(uids[1], OUT_OF_RESOURCES), (uids[2], CANNOT_UNDERSTAND)]),

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from tests.peers.data import ct_small_copies
 from tests.peers.dcmtk import echoscu, storescu
 from tests.peers.ports import free_port
+from tests.peers.ups_task_manager import TaskManager, triage_workitem
 
 PACSCLIP = str(Path(sys.executable).with_name("pacsclip"))
 TOKEN = "test-token-4f1c"
@@ -90,6 +92,17 @@ def test_serve_receives_analyses_reports_and_stops_cleanly(
     dicom_port, api_port = free_port(), free_port()
     api = f"http://127.0.0.1:{api_port}"
     env = serve_env(tmp_path / "data", dicom_port, api_port, bundle_dir)
+    # With ups_url, serve runs the AIW-I task performer beside the node.
+    manager = TaskManager().start()
+    env.update(PACSCLIP_UPS_URL=manager.base_url, PACSCLIP_UPS_POLL_INTERVAL_S="0.5")
+    nowhere = manager.schedule(
+        triage_workitem(
+            generate_uid(),
+            generate_uid(),
+            [("1.2.840.10008.5.1.4.1.1.2", generate_uid())],
+            retrieve_url=f"{manager.base_url}/studies/1.2.3",
+        )
+    )
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         serve = subprocess.Popen([PACSCLIP, "serve"], env=env, stdout=out, stderr=out)
@@ -138,7 +151,16 @@ def test_serve_receives_analyses_reports_and_stops_cleanly(
         assert similar["priors"][0]["similarity"] > 0.99
         assert similar["similar"] == []
         assert get(f"{api}/api/studies/{study_uid}/similar", token="wrong")[0] == 401
+
+        wait_until(
+            lambda: str(manager.workitem(nowhere).ProcedureStepState) == "CANCELED",
+            30,
+            "the performer did not take the workitem",
+        )
+        [progress] = manager.workitem(nowhere).ProcedureStepProgressInformationSequence
+        assert "names no Output Destination" in progress.ReasonForCancellation
     finally:
+        manager.stop()
         serve.send_signal(signal.SIGTERM)
         try:
             code = serve.wait(timeout=40)

@@ -170,7 +170,12 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         text = unit.read_text().replace("/opt/pacsclip/.venv/bin/pacsclip", str(pacsclip))
         (tmp_path / unit.name).write_text(text)
     names = {unit.name for unit in SYSTEMD_UNITS}
-    assert names == {"pacsclip-node.service", "pacsclip-worker@.service", "pacsclip-api.service"}
+    assert names == {
+        "pacsclip-node.service",
+        "pacsclip-worker@.service",
+        "pacsclip-api.service",
+        "pacsclip-performer.service",
+    }
 
     checked = run_tool(analyze, "verify", "--man=no", *sorted(str(p) for p in tmp_path.iterdir()))
     if checked.returncode != 0 and "System has not been booted with systemd" in checked.stderr:

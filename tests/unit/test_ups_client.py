@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import httpx
 import pytest
+import requests
 from pydicom.uid import generate_uid
 
 from plugin.aiwi.ups import (
@@ -37,8 +37,8 @@ def manager() -> Iterator[TaskManager]:
 
 @pytest.fixture
 def ups(manager: TaskManager) -> Iterator[UpsClient]:
-    with httpx.Client(timeout=5) as http:
-        yield UpsClient(manager.base_url, http)
+    with requests.Session() as http:
+        yield UpsClient(manager.base_url, http, timeout_s=5)
 
 
 def schedule(manager: TaskManager, code: str = "PACSCLIP-TRIAGE") -> tuple[str, str]:
@@ -92,7 +92,12 @@ def test_progress_then_completion_lists_the_outputs(manager: TaskManager, ups: U
     series, sop = generate_uid(), generate_uid()
     now = datetime.now(UTC)
     performed = performed_procedure(
-        ups.get(uid), [(study, series, SR, sop)], started=now, ended=now, station_ae="PACSCLIP"
+        ups.get(uid),
+        [(study, series, SR, sop)],
+        started=now,
+        ended=now,
+        station_ae="PACSCLIP",
+        retrieve_root="http://pacs.invalid/dicom-web/",
     )
     ups.complete(claim, performed)
     done = manager.workitem(uid)
@@ -100,6 +105,9 @@ def test_progress_then_completion_lists_the_outputs(manager: TaskManager, ups: U
     [output] = done.UnifiedProcedureStepPerformedProcedureSequence[0].OutputInformationSequence
     assert (output.StudyInstanceUID, output.SeriesInstanceUID) == (study, series)
     assert output.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sop
+    assert output.WADORSRetrievalSequence[0].RetrieveURL == (
+        f"http://pacs.invalid/dicom-web/studies/{study}/series/{series}"
+    )
     with pytest.raises(UpsError) as again:
         ups.progress(claim, 50, "too late")
     assert again.value.status == 400 and not again.value.retryable
@@ -137,8 +145,8 @@ def test_a_task_manager_that_is_down_is_worth_a_retry(manager: TaskManager, ups:
     with pytest.raises(UpsError) as down:
         ups.scheduled(["PACSCLIP-TRIAGE"])
     assert down.value.status == 503 and down.value.retryable
-    with httpx.Client(timeout=5) as http:
-        nobody = UpsClient(f"http://127.0.0.1:{free_port()}/dicom-web", http)
+    with requests.Session() as http:
+        nobody = UpsClient(f"http://127.0.0.1:{free_port()}/dicom-web", http, timeout_s=5)
         with pytest.raises(UpsError) as gone:
             nobody.scheduled(["PACSCLIP-TRIAGE"])
     assert gone.value.status is None and gone.value.retryable
