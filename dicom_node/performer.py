@@ -174,13 +174,13 @@ class Performer:
                 self.take_new(room)
             with self.sessions() as session:
                 still_open = bool(open_workitems(session, self.ae_title))
+            if self.ups.contact is not None:  # no request this round: what was known stands
+                self._task_manager_error = self.ups.contact or None
+            self.beat()
         except SQLAlchemyError as exc:
             # The catalog restarting is an outage to wait out; the journal holds every step.
             logger.error("catalog unavailable, the performer waits: %s", type(exc).__name__)
             return False
-        if self.ups.contact is not None:  # no request this round: what was known stands
-            self._task_manager_error = self.ups.contact or None
-        self.beat()
         return still_open
 
     def _until_next_poll(self) -> float:
@@ -263,6 +263,13 @@ class Performer:
         except (UpsError, Retry, Cancel) as exc:
             # A step may have moved on before it failed: the outcome goes to where it is now.
             self._failed(self._reload(item), exc)
+        except SQLAlchemyError:
+            raise  # the round waits the catalog out
+        except Exception as exc:
+            # Not foreseen: logged with its traceback and tried again later like an outage
+            # (given up with the reason after ups_give_up_after_s), never a crash loop.
+            logger.exception("workitem %s (%s): unexpected error", item.workitem_uid, item.step)
+            self._failed(self._reload(item), Retry(f"unexpected {type(exc).__name__}: {exc}"))
 
     def _failed(self, item: JournaledWorkitem, exc: UpsError | Retry | Cancel) -> None:
         if isinstance(exc, UpsError):
@@ -573,9 +580,12 @@ class Performer:
 
 def _only(parts: list[bytes], wanted: tuple[str, ...]) -> list[bytes]:
     """The retrieved files the workitem lists as inputs; Cancel names one that is missing."""
-    by_uid = {
-        str(dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID): data for data in parts
-    }
+    by_uid = {}
+    for n, data in enumerate(parts, 1):
+        try:
+            by_uid[str(dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
+        except Exception as exc:  # any reader failure: the part is no DICOM file pacsclip reads
+            raise Cancel(f"retrieved instance {n} is not a readable DICOM file: {exc}") from exc
     missing = [uid for uid in wanted if uid not in by_uid]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
