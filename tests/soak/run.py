@@ -205,22 +205,37 @@ class Findings:
     latencies_s: list[float] = field(default_factory=list)
 
 
-def unfinished(session: Session) -> tuple[int, int]:
-    studies = session.scalar(
-        select(func.count(Study.id)).where(Study.state.not_in(FINISHED_STATES))
+def unfinished(session: Session, sent: Sequence[StudyLoad] = ()) -> tuple[int, int]:
+    """Studies not delivered, and dispatch jobs not delivered.
+
+    A study is unfinished from its first acknowledged instance, before it has a row: the node
+    answers Success once the file is in the spool and catalogs it a moment later (after a
+    kill, only when the restarted node reconciles its spool). Until then no row says so."""
+    studies = set(
+        session.scalars(select(Study.study_instance_uid).where(Study.state.not_in(FINISHED_STATES)))
     )
+    acknowledged = [uid for s in sent for uid in s.acknowledged]
+    cataloged = set(
+        session.scalars(
+            select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(acknowledged))
+        )
+    )
+    studies |= {s.study_uid for s in sent if not s.acknowledged <= cataloged}
     jobs = session.scalar(
         select(func.count(DispatchJob.id)).where(DispatchJob.state != "delivered")
     )
-    return int(studies or 0), int(jobs or 0)
+    return len(studies), int(jobs or 0)
 
 
-def settle(deployment: Deployment, timeout_s: float, findings: Findings) -> None:
-    """Wait until every study is delivered; replay dead letters once Orthanc is back."""
+def settle(
+    deployment: Deployment, timeout_s: float, findings: Findings, sent: Sequence[StudyLoad]
+) -> None:
+    """Wait until every study sent is cataloged and delivered; replay dead letters once
+    Orthanc is back."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with catalog_session(deployment.postgres.url()) as session:
-            studies, jobs = unfinished(session)
+            studies, jobs = unfinished(session, sent)
             failed = session.scalars(
                 select(DispatchJob.id).where(DispatchJob.state == "failed")
             ).all()
@@ -362,7 +377,7 @@ def run_soak(config: SoakConfig, workdir: Path) -> tuple[str, bool]:
         for process in (deployment.node, deployment.api, *deployment.workers):
             if not process.alive():
                 findings.violations.append(f"{process.log.stem} was not running at the end")
-        settle(deployment, config.settle_timeout_s, findings)
+        settle(deployment, config.settle_timeout_s, findings, studies)
         check(deployment, studies, findings)
     text = report(config, sender, studies, log, findings)
     return text, not findings.violations
