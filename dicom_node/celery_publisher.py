@@ -67,9 +67,10 @@ class CeleryPublisher:
         return str(sent.id)
 
     def failure(self, task_id: str) -> str | None:
-        """Why a task failed, from the result backend, once it has; None while it waits,
+        """The type of the exception a task failed with, from the result backend, once it
+        has (its message may quote a dataset: the worker's log has it); None while it waits,
         runs or retries, and after it succeeded."""
         result = self.app.AsyncResult(task_id)
         if result.state != "FAILURE":
             return None
-        return f"{type(result.result).__name__}: {result.result}"
+        return type(result.result).__name__

@@ -157,7 +157,14 @@ class Performer:
             _without_credentials(self.ups.base_url),
         )
         while not stop.is_set():
-            busy = self.tick()
+            try:
+                busy = self.tick()
+            except Exception:
+                # Whatever escaped a round (a bug, a library's surprise): logged, and the next
+                # round goes on from the journal; a performer that exits would only restart
+                # into the same round.
+                logger.exception("task performer round failed; the next one goes on")
+                busy = False
             stop.wait(BUSY_TICK_S if busy else self._until_next_poll())
 
     def tick(self) -> bool:
@@ -169,6 +176,7 @@ class Performer:
             for item in items:
                 if item.next_try_at is None or item.next_try_at <= self.now():
                     self.advance(item)
+                    self.beat()  # a round of slow steps must not look like a dead performer
             room = self.settings.ups_max_in_flight - len(items)
             if room > 0 and self._poll_due():
                 self.take_new(room)
@@ -240,6 +248,9 @@ class Performer:
             code = task_code(ds)
             if uid in known or code not in self.codes:
                 continue  # ours already, or not a task of ours: left alone
+            if not _is_uid(uid):
+                logger.warning("a workitem with an invalid SOP Instance UID is left alone")
+                continue
             with self.sessions() as session:
                 item = journal_claim(session, uid, self.ae_title, generate_uid(), code)
             if item is None:
@@ -269,7 +280,7 @@ class Performer:
             # Not foreseen: logged with its traceback and tried again later like an outage
             # (given up with the reason after ups_give_up_after_s), never a crash loop.
             logger.exception("workitem %s (%s): unexpected error", item.workitem_uid, item.step)
-            self._failed(self._reload(item), Retry(f"unexpected {type(exc).__name__}: {exc}"))
+            self._failed(self._reload(item), Retry(f"unexpected {type(exc).__name__}"))
 
     def _failed(self, item: JournaledWorkitem, exc: UpsError | Retry | Cancel) -> None:
         if isinstance(exc, UpsError):
@@ -278,7 +289,7 @@ class Performer:
             else:
                 self._refused(item, exc)
         elif isinstance(exc, Retry):
-            self._retry_later(item, str(exc), may_give_up=item.step in (CLAIMED, ANALYSED))
+            self._retry_later(item, str(exc), may_give_up=item.step in (CLAIMED, QUEUED, ANALYSED))
         else:
             self._to_cancel(item, str(exc))
 
@@ -363,7 +374,7 @@ class Performer:
             try:
                 parts += retrieve_instances(self.web, url)
             except ValueError as exc:
-                raise Cancel(f"Retrieve URL {url}: {exc}") from exc
+                raise Cancel(f"Retrieve URL {_without_credentials(url)}: {exc}") from exc
             except WebError as exc:
                 if exc.retryable:
                     raise Retry(f"WADO-RS retrieve of the inputs: {exc}") from exc
@@ -393,6 +404,8 @@ class Performer:
             return
         if progress is None:
             raise Cancel("the study left the catalog (purged) before its analysis")
+        if progress.state == StudyState.FAILED:
+            raise Cancel("the study's analysis failed; see the worker's log")
         if progress.state == StudyState.SHADOW_ONLY:
             raise Cancel(
                 "no model is live: the study was scored by shadow models only and no result "
@@ -404,7 +417,7 @@ class Performer:
             return
         failed = self.analyses.failure(item.task_id) if item.task_id else None
         if failed is not None:
-            raise Cancel(f"the analysis failed: {failed}"[:1024])
+            raise Cancel(f"the analysis failed ({failed}); the worker's log says why")
         waited = self.now() - (item.queued_at or self.now())
         if waited > timedelta(seconds=self.settings.requeue_after_s) and progress.state in (
             StudyState.QUEUED,
@@ -419,7 +432,8 @@ class Performer:
             with self.sessions() as session:
                 repository.force_state(session, item.study_instance_uid, StudyState.COMPLETE)
                 session.commit()
-            task_id = self._send_analysis(item.study_instance_uid, item.generation, "routine")
+            priority = progress.priority or "routine"
+            task_id = self._send_analysis(item.study_instance_uid, item.generation, priority)
             self._set(item, task_id=task_id, queued_at=self.now())
 
     def _store_outputs(self, item: JournaledWorkitem) -> None:
@@ -485,8 +499,14 @@ class Performer:
             return
         state = str(workitem.get("ProcedureStepState", ""))
         if item.step == CLAIMING:
-            # Never ours: nothing to cancel (the claim itself was refused).
-            self._set(item, step=GONE, reason=f"the claim was refused: {exc}")
+            if state not in (UPS_COMPLETED, UPS_CANCELED) and self._still_ours(
+                self._claim_of(item)
+            ):
+                # Our claim of before a crash, refused when sent again with other than 409.
+                self._set(item, step=CLAIMED, claimed_at=self.now())
+            else:
+                # Never ours: nothing to cancel (the claim itself was refused).
+                self._set(item, step=GONE, reason=f"the claim was refused: {exc}")
         elif state == UPS_COMPLETED and item.step == STORED:
             self._set(item, step=COMPLETED, reason=None)  # our completion, sent before a crash
         elif state == UPS_CANCELED and item.step == CANCELLING:
@@ -585,7 +605,9 @@ def _only(parts: list[bytes], wanted: tuple[str, ...]) -> list[bytes]:
         try:
             by_uid[str(dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
         except Exception as exc:  # any reader failure: the part is no DICOM file pacsclip reads
-            raise Cancel(f"retrieved instance {n} is not a readable DICOM file: {exc}") from exc
+            raise Cancel(
+                f"retrieved instance {n} is not a readable DICOM file: {type(exc).__name__}"
+            ) from exc
     missing = [uid for uid in wanted if uid not in by_uid]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -703,11 +725,13 @@ def check_alone(settings: Settings, catalog: Catalog) -> None:
         return
     row = rows[0]
     age = (datetime.now(UTC) - row.heartbeat_at).total_seconds()
-    fresh = age < max(3 * settings.ups_poll_interval_s, 3 * HEARTBEAT_EVERY_S)
-    if not fresh or row.pid == os.getpid():
+    if row.pid == os.getpid():
         return
-    if row.host == socket.gethostname() and not _alive(row.pid):
-        return
+    if row.host == socket.gethostname():
+        if not _alive(row.pid):
+            return  # killed or crashed: its workitems are taken over
+    elif age >= max(3 * settings.ups_poll_interval_s, 3 * HEARTBEAT_EVERY_S):
+        return  # another host's, silent for longer than its rounds take
     raise PacsclipError(
         f"task performer {row.performer} is running on {row.host} (pid {row.pid}, heartbeat "
         f"{age:.0f} s ago): give this one its own ups_ae_title"
@@ -715,10 +739,21 @@ def check_alone(settings: Settings, catalog: Catalog) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a pacsclip process runs under ``pid`` (on Linux a PID reused by another
+    program, after a reboot say, does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        return b"pacsclip" in cmdline.read_bytes()
+    except OSError:
+        return True  # no /proc: the PID alone says it
+
+
+def _is_uid(value: str) -> bool:
+    """Digits and dots, at most 64 characters: what the journal's columns hold."""
+    return 0 < len(value) <= 64 and all(part.isdigit() for part in value.split("."))

@@ -90,13 +90,16 @@ class UpsClient:
             answer = self._send("GET", "/workitems", "search workitems", params=params)
             if answer.status_code == 204:
                 continue
-            found += [Dataset.from_json(item) for item in answer.json()]
+            found += self._datasets(answer, "search workitems")
         return found
 
     def get(self, uid: str) -> Dataset:
-        answer = self._send("GET", f"/workitems/{uid}", f"retrieve workitem {uid}")
-        body = answer.json()
-        return Dataset.from_json(body[0] if isinstance(body, list) else body)
+        what = f"retrieve workitem {uid}"
+        found = self._datasets(self._send("GET", f"/workitems/{uid}", what), what)
+        if not found:
+            self.contact = f"{what}: an empty answer"
+            raise UpsError(what, None, "an empty answer")
+        return found[0]
 
     def claim(self, uid: str, transaction_uid: str | None = None) -> Claim:
         """IN PROGRESS under a new Transaction UID (or ``transaction_uid``, decided before the
@@ -139,9 +142,24 @@ class UpsClient:
         self._update(claim, changes, f"record why {claim.workitem_uid} is cancelled")
         self._change_state(claim.workitem_uid, CANCELED, claim.transaction_uid)
 
+    def _datasets(self, answer: requests.Response, what: str) -> list[Dataset]:
+        """The workitems of a DICOM JSON answer. An answer that is none (a proxy's page, a
+        malformed element) is the Task Manager's trouble: a retry, never a crash."""
+        try:
+            body = answer.json()
+            items = body if isinstance(body, list) else [body]
+            return [Dataset.from_json(item) for item in items]
+        except Exception as exc:  # requests' JSON error, or pydicom's several kinds
+            error = UpsError(what, None, f"the answer is not DICOM JSON ({type(exc).__name__})")
+            self.contact = str(error)
+            raise error from exc
+
     def _update(self, claim: Claim, changes: Dataset, what: str) -> None:
+        # The Transaction UID both as the bare query of PS3.18 11.6.1 (POST
+        # /workitems/{uid}?{transaction-uid}) and in the payload, as N-SET carries it.
         changes.TransactionUID = claim.transaction_uid
-        self._send("POST", f"/workitems/{claim.workitem_uid}", what, body=changes)
+        path = f"/workitems/{claim.workitem_uid}?{claim.transaction_uid}"
+        self._send("POST", path, what, body=changes)
 
     def _change_state(self, uid: str, state: str, transaction_uid: str) -> None:
         change = Dataset()

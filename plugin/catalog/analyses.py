@@ -78,14 +78,17 @@ def find_analysis(
 class StudyProgress:
     state: str
     generation: int
+    priority: str | None
 
 
 def study_progress(session: Session, study_uid: str) -> StudyProgress | None:
-    """A study's state and latest generation; None when it is not in the catalog."""
+    """A study's state, latest generation and priority; None when it is not in the catalog."""
     row = session.execute(
-        select(Study.state, Study.generation).where(Study.study_instance_uid == study_uid)
+        select(Study.state, Study.generation, Study.priority).where(
+            Study.study_instance_uid == study_uid
+        )
     ).first()
-    return None if row is None else StudyProgress(row.state, row.generation)
+    return None if row is None else StudyProgress(row.state, row.generation, row.priority)
 
 
 def live_results(

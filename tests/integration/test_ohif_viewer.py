@@ -230,9 +230,9 @@ def open_series(
 ) -> None:
     """Double-click the series' thumbnail until `opened` holds. OHIF sometimes loses a double
     click that lands while the study browser re-renders, or opens an SR before the image it
-    refers to has loaded and then draws nothing; a person would reload the page and open it
-    again, and so does this, up to three times."""
-    for attempt in range(3):
+    refers to has loaded and then draws nothing (more often on a loaded machine); a person
+    would reload the page and open it again, and so does this, up to five times."""
+    for attempt in range(5):
         if attempt:
             driver.refresh()
         thumbnail = until(driver, lambda d: series_thumbnail(d, modality), f"the {modality} series")

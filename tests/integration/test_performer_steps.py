@@ -6,8 +6,10 @@ cancelled with the reason."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pydicom.uid import generate_uid
@@ -192,3 +194,47 @@ def test_unretrievable_inputs_are_given_up_after_the_configured_time(
     doer.tick()
     assert steps(doer) == {uid: "canceled"}
     assert reason_of(manager, uid).startswith("gave up after 60 s: WADO-RS retrieve")
+
+
+class _NotDicomJson(BaseHTTPRequestHandler):
+    """A Task Manager behind a proxy that answers its own HTML page with 200."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body>Maintenance</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_an_answer_that_is_not_dicom_json_is_an_outage_not_a_crash(
+    make_settings: Callable[..., Settings],
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotDicomJson)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        settings = make_settings(ups_url=url, ups_ae_title=AE)
+        catalog = open_catalog(settings.effective_database_url)
+        web = http_session(WebAuth())
+        doer = Performer(
+            settings,
+            catalog,
+            UpsClient(url, web, timeout_s=5),
+            web,
+            WorkitemIntake(settings, catalog, default_rules()),
+            CeleryPublisher(make_celery(settings), catalog.sessions),
+        )
+        doer.tick()  # raises nothing
+        with doer.sessions() as session:
+            [status] = performer_statuses(session)
+        assert not status.reachable and "not DICOM JSON" in (status.last_error or "")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
