@@ -276,7 +276,10 @@ class Settings(BaseSettings):
         "is labeled (0: after every report).",
     )
     task_visibility_timeout_s: int = Field(
-        300, ge=10, description="Redis broker: an unacknowledged task is redelivered after this."
+        300,
+        ge=10,
+        description="Redis broker: an unacknowledged task (its worker died) is redelivered "
+        "after this; workers look for such tasks every tenth of it, at most every 10 s.",
     )
     requeue_after_s: float = Field(
         600.0, gt=0, description="A complete study still without analysis is queued again."

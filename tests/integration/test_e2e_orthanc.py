@@ -164,7 +164,9 @@ def test_worker_killed_mid_task_is_redelivered_and_orthanc_gets_one_sr(
         run.worker.wait(timeout=10)
         run.restart_worker(slow_analysis_s=0.0)
 
-        wait_for_modalities(orthanc, study_uid, ["CT", "OT", "SR"], timeout_s=120)
+        # Redelivered once its visibility timeout (10 s) has run out, not at kombu's default
+        # sweep of every 100 s.
+        wait_for_modalities(orthanc, study_uid, ["CT", "OT", "SR"], timeout_s=45)
         run.wait_for_state(study_uid, "delivered")
         time.sleep(2)  # nothing more arrives later
         assert orthanc_study_modalities(orthanc, study_uid) == ["CT", "OT", "SR"]
