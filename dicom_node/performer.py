@@ -40,16 +40,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from io import BytesIO
 from pathlib import Path
 from types import FrameType
 from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import requests
-from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.workitem_intake import InputRefused, WorkitemIntake
@@ -86,6 +84,7 @@ from plugin.catalog.ups_workitems import (
     set_workitem,
     workitem,
 )
+from plugin.delivery.destinations import stow_destination
 from plugin.delivery.outcome import DispatchError
 from plugin.delivery.stow import StowDestination, stow_files
 from plugin.dicomweb import WebAuth, WebError, retrieve_instances
@@ -248,7 +247,7 @@ class Performer:
             code = task_code(ds)
             if uid in known or code not in self.codes:
                 continue  # ours already, or not a task of ours: left alone
-            if not _is_uid(uid):
+            if not UID(uid).is_valid:
                 logger.warning("a workitem with an invalid SOP Instance UID is left alone")
                 continue
             with self.sessions() as session:
@@ -337,10 +336,13 @@ class Performer:
                 "URL, and this performer has no ups_output_destination"
             )
         parts = self._retrieve(inputs.retrieve_urls)
-        if inputs.sop_instance_uids:
-            parts = _only(parts, inputs.sop_instance_uids)
         try:
-            self.intake.take_in(parts, inputs.study_uid, urlsplit(inputs.retrieve_urls[0]).hostname)
+            taken = self.intake.take_in(
+                parts,
+                inputs.study_uid,
+                urlsplit(inputs.retrieve_urls[0]).hostname,
+                wanted=inputs.sop_instance_uids,
+            )
         except InputRefused as exc:
             raise Cancel(str(exc)) from exc
         except OutOfResources as exc:
@@ -366,7 +368,8 @@ class Performer:
             output_url=output,
             queued_at=self.now(),
         )
-        self._progress(self._claim_of(item), 25, f"{len(parts)} inputs retrieved; analysing")
+        inputs_count = taken.stored + taken.duplicates
+        self._progress(self._claim_of(item), 25, f"{inputs_count} inputs retrieved; analysing")
 
     def _retrieve(self, urls: tuple[str, ...]) -> list[bytes]:
         parts: list[bytes] = []
@@ -452,7 +455,11 @@ class Performer:
             if exc.retryable:
                 raise Retry(str(exc)) from exc
             raise Cancel(f"the results could not be stored: {exc}") from exc
-        outputs = [_output_of(path) for path in files]
+        study = item.study_instance_uid
+        outputs = [
+            [study, o.series_instance_uid, _sop_class_of(path), o.sop_instance_uid]
+            for o, path in zip(objects, files, strict=True)
+        ]
         self._set(item, step=STORED, outputs=outputs)
         self._mark_delivered(item.study_instance_uid, item.generation)
         self._progress(self._claim_of(item), 90, f"{len(files)} result objects stored")
@@ -571,15 +578,7 @@ class Performer:
         assert item.output_url is not None
         configured = self._configured()
         if configured is not None and configured.url == item.output_url:
-            token = configured.bearer_token
-            return StowDestination(
-                name=configured.name,
-                url=_stow_root(configured.url),
-                bearer_token=token.get_secret_value() if token else None,
-                tls_ca=configured.tls_ca,
-                client_cert=configured.tls_cert,
-                client_key=configured.tls_key,
-            )
+            return stow_destination(configured)
         token = self.settings.ups_bearer_token
         return StowDestination(
             name=f"Output Destination of workitem {item.workitem_uid}",
@@ -598,23 +597,6 @@ class Performer:
                 session.commit()
 
 
-def _only(parts: list[bytes], wanted: tuple[str, ...]) -> list[bytes]:
-    """The retrieved files the workitem lists as inputs; Cancel names one that is missing."""
-    by_uid = {}
-    for n, data in enumerate(parts, 1):
-        try:
-            by_uid[str(dcmread(BytesIO(data), stop_before_pixels=True).SOPInstanceUID)] = data
-        except Exception as exc:  # any reader failure: the part is no DICOM file pacsclip reads
-            raise Cancel(
-                f"retrieved instance {n} is not a readable DICOM file: {type(exc).__name__}"
-            ) from exc
-    missing = [uid for uid in wanted if uid not in by_uid]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise Cancel(f"input instance {missing[0]}{more} is not at the workitem's Retrieve URL")
-    return [by_uid[uid] for uid in dict.fromkeys(wanted)]
-
-
 def _stow_root(storage_url: str) -> str:
     """The DICOMweb root of a STOW-RS Storage URL (".../studies" or ".../studies/{uid}")."""
     root = storage_url.rstrip("/")
@@ -624,18 +606,8 @@ def _stow_root(storage_url: str) -> str:
     return root
 
 
-def _output_of(path: Path) -> list[str]:
-    """[Study, Series, SOP Class, SOP Instance] UIDs of a result file."""
-    meta = read_file_meta_info(path)
-    ds = dcmread(
-        path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"]
-    )
-    return [
-        str(ds.StudyInstanceUID),
-        str(ds.SeriesInstanceUID),
-        str(meta.MediaStorageSOPClassUID),
-        str(meta.MediaStorageSOPInstanceUID),
-    ]
+def _sop_class_of(path: Path) -> str:
+    return str(read_file_meta_info(path).MediaStorageSOPClassUID)
 
 
 def _without_credentials(url: str) -> str:
@@ -752,8 +724,3 @@ def _alive(pid: int) -> bool:
         return b"pacsclip" in cmdline.read_bytes()
     except OSError:
         return True  # no /proc: the PID alone says it
-
-
-def _is_uid(value: str) -> bool:
-    """Digits and dots, at most 64 characters: what the journal's columns hold."""
-    return 0 < len(value) <= 64 and all(part.isdigit() for part in value.split("."))

@@ -55,14 +55,32 @@ class WorkitemIntake:
         self.spool = Spool(settings.spool_dir, min_free_bytes=settings.min_free_disk_mb * 2**20)
         self.writer = CatalogWriter(catalog.engine)
 
-    def take_in(self, parts: Sequence[bytes], study_uid: str, source_host: str | None) -> TakenIn:
-        """Spool and catalog the retrieved Part 10 files of ``study_uid``; InputRefused when
-        one cannot be read or belongs to another study (nothing is cataloged then)."""
+    def take_in(
+        self,
+        parts: Sequence[bytes],
+        study_uid: str,
+        source_host: str | None,
+        *,
+        wanted: Sequence[str] = (),
+    ) -> TakenIn:
+        """Spool and catalog the retrieved Part 10 files of ``study_uid`` (only the instances
+        ``wanted``, when it names some: a study's Retrieve URL brings all of it); InputRefused
+        when one cannot be read, belongs to another study or a wanted one is missing (nothing
+        is cataloged then)."""
         # ups_calling_ae_title stands for the sender's AE title: in the site key, routing
         # rules and the audit log, as a pushing PACS's AE title is.
         calling = self.settings.ups_calling_ae_title
         peer = Peer(calling_ae_title=calling, host=source_host)
         checked = [(_inspect(data, n), data) for n, data in enumerate(parts, 1)]
+        if wanted:
+            by_uid = {obj.sop_instance_uid: (obj, data) for obj, data in checked}
+            missing = [uid for uid in wanted if uid not in by_uid]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise InputRefused(
+                    f"input instance {missing[0]}{more} is not at the workitem's Retrieve URL"
+                )
+            checked = [by_uid[uid] for uid in dict.fromkeys(wanted)]
         for obj, _ in checked:
             if obj.study_instance_uid != study_uid:
                 raise InputRefused(

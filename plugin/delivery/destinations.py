@@ -11,23 +11,25 @@ from plugin.delivery.stow import StowDestination, stow_files
 from plugin.settings import DestinationConfig, Settings
 
 
+def stow_destination(d: DestinationConfig) -> StowDestination:
+    """A configured STOW-RS destination (``d.url`` set) with its own credentials."""
+    if d.url is None:
+        raise ValueError(f"destination {d.name} has no DICOMweb url")
+    return StowDestination(
+        name=d.name,
+        url=d.url,
+        bearer_token=d.bearer_token.get_secret_value() if d.bearer_token else None,
+        tls_ca=d.tls_ca,
+        client_cert=d.tls_cert,
+        client_key=d.tls_key,
+    )
+
+
 def send(d: DestinationConfig, files: Sequence[Path], settings: Settings) -> SendReport:
     """Send files to d by the protocol it is configured for; DispatchError unless all stored."""
     timeout = settings.dispatch_timeout_s
     if d.url is not None:
-        token = d.bearer_token.get_secret_value() if d.bearer_token else None
-        return stow_files(
-            StowDestination(
-                name=d.name,
-                url=d.url,
-                bearer_token=token,
-                tls_ca=d.tls_ca,
-                client_cert=d.tls_cert,
-                client_key=d.tls_key,
-            ),
-            files,
-            timeout_s=timeout,
-        )
+        return stow_files(stow_destination(d), files, timeout_s=timeout)
     if d.ae_title is None or d.host is None or d.port is None:  # the settings validator forbids it
         raise ValueError(f"destination {d.name} has no DICOM address")
     destination = Destination(

@@ -30,9 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from plugin.catalog import dispatch_jobs
 from plugin.catalog.repository import audit
+from plugin.delivery.destinations import stow_destination
 from plugin.delivery.dimse import Destination, echo
 from plugin.delivery.jobs import bring_forward, replay_all
-from plugin.delivery.stow import StowDestination, answers
+from plugin.delivery.stow import answers
 from plugin.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,7 @@ def probe(name: str, settings: Settings, timeout_s: float = PROBE_TIMEOUT_S) -> 
     if config is None:
         return False
     if config.url is not None:
-        token = config.bearer_token.get_secret_value() if config.bearer_token else None
-        web = StowDestination(
-            name=name,
-            url=config.url,
-            bearer_token=token,
-            tls_ca=config.tls_ca,
-            client_cert=config.tls_cert,
-            client_key=config.tls_key,
-        )
-        return answers(web, timeout_s=timeout_s)
+        return answers(stow_destination(config), timeout_s=timeout_s)
     if config.ae_title is None or config.host is None or config.port is None:
         return False  # the settings validator forbids it
     node = Destination(
